@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs (idempotent), then run linters, type checks
+# and every test. Used by .ci/run and by developers alike; extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The systemd tests run the venv inside a container with ProtectHome=: its interpreter
+# must not live under /root or /home, so prefer the distribution's Python.
+PY=python3
+if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  PY=/usr/bin/python3
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+# System tools some tests drive: systemd-nspawn (real systemd), curl (control API as
+# documented). Installed only where we are root with apt; tests skip with a reason otherwise.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  need=""
+  command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
+  command -v curl >/dev/null 2>&1 || need="$need curl"
+  if [ -n "$need" ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
+  fi
+fi
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+exec .venv/bin/pytest "$@"

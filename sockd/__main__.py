@@ -1,0 +1,5 @@
+"""``python -m sockd`` runs the ``sockd`` command."""
+
+from sockd.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""The ``sockd`` command: parse options, validate the config, run the daemon.
+
+``sys.exit`` happens here and nowhere else. Exit statuses: 0 clean stop, 1 runtime
+failure (address in use, control socket taken), 2 usage error, 78 invalid configuration
+(``EX_CONFIG``; the systemd unit's ``RestartPreventExitStatus=78`` stops a restart loop).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sockd import __version__
+from sockd.config import DEFAULT_CONFIG_PATH, load
+from sockd.errors import ConfigError, SockdError
+from sockd.protocol import ExitCode
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"sockd: {message}", err=True)
+    sys.exit(code)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    default=DEFAULT_CONFIG_PATH,
+    show_default=True,
+    metavar="PATH",
+    help="TOML configuration file.",
+)
+@click.option("--check-config", is_flag=True, help="Validate the configuration and exit (0 or 78).")
+@click.option("--daemon", "detach", is_flag=True, help="Detach from the terminal (no systemd).")
+@click.option("--pidfile", metavar="PATH", help="With --daemon: write and lock this pid file.")
+@click.version_option(__version__, prog_name="sockd")
+def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None) -> None:
+    """Run a socketserver request handler as a production service."""
+    try:
+        config = load(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"sockd: {config_path}: {problem}", err=True)
+        sys.exit(ExitCode.CONFIG)
+    if check_config:
+        click.echo(f"{config_path}: OK")
+        sys.exit(ExitCode.OK)
+    if pidfile and not detach:
+        raise click.UsageError("--pidfile goes with --daemon")
+    if detach:
+        from sockd.detach import run_detached
+
+        try:
+            sys.exit(run_detached(config, pidfile))
+        except SockdError as exc:
+            _fail(str(exc), ExitCode.FAILURE)
+    from sockd.daemon import Daemon
+
+    try:
+        daemon = Daemon(config)
+        sys.exit(daemon.run())
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"sockd: {config_path}: {problem}", err=True)
+        sys.exit(ExitCode.CONFIG)
+    except SockdError as exc:
+        _fail(str(exc), ExitCode.FAILURE)
+    except OSError as exc:
+        _fail(f"{exc.strerror or exc}", ExitCode.FAILURE)

@@ -1,0 +1,621 @@
+"""Settings: declared once, loaded from TOML, validated completely, diffed on reload.
+
+Every key is declared exactly once in ``SETTINGS`` (name, default, parser, doc, whether a
+reload applies it live). Validation, the effective-config dump, the reload diff, the
+README's reference table and ``etc/sockd.toml`` all derive from or are checked against
+that one table, so they cannot drift. Loading never binds or starts anything: it is
+what ``sockd --check-config`` and ``sockctl check`` run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import os
+import socketserver
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias, cast
+
+from sockd.errors import ConfigError
+
+Mode: TypeAlias = Literal["threading", "forking"]
+LogFormat: TypeAlias = Literal["json", "logfmt", "console"]
+OnLimit: TypeAlias = Literal["wait", "refuse"]
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_CONFIG_PATH = "/etc/sockd/sockd.toml"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    """A TCP listen address; ``str()`` gives the canonical ``host:port`` / ``[v6]:port``."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str) -> Address:
+        """Parse ``"host:port"`` or ``"[v6]:port"``; raises ``ValueError`` with the reason."""
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or not rest.startswith(":"):
+                raise ValueError('IPv6 addresses are written "[::1]:9000"')
+            port_text = rest[1:]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv6 address") from None
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep or not host:
+                raise ValueError('expected "host:port"')
+            if ":" in host:
+                raise ValueError('IPv6 addresses are written "[::1]:9000"')
+        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+        return cls(host, int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    listen: tuple[Address, ...]
+    mode: Mode
+    handler: str
+    handler_options: Mapping[str, Any]
+    request_queue_size: int
+    reuse_port: bool
+    shutdown_timeout: float
+    max_connections: int
+    on_limit: OnLimit
+    max_per_ip: int
+    ipv6_prefix: int
+    idle_timeout: float
+    allow: tuple[Network, ...]
+    deny: tuple[Network, ...]
+    max_children: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str
+    format: LogFormat
+    output: str
+    ring_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    socket: str
+    mode: int
+    group: str | None
+    read_group: str | None
+    request_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    logging: LoggingConfig
+    control: ControlConfig
+    path: str | None = field(default=None, compare=False)
+
+    def handler_class(self) -> type[socketserver.BaseRequestHandler]:
+        """The configured handler class (already proven importable by validation)."""
+        return import_handler(self.server.handler)
+
+
+class Invalid(ValueError):  # noqa: N818  # reads as 'raise Invalid("expected ...")'
+    """Raised by a parser; the message says what was expected."""
+
+
+Parser: TypeAlias = Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One config key: its default, how to parse it, and what operators read about it."""
+
+    key: str
+    default: Any
+    parse: Parser
+    doc: str
+    live: bool = True
+    example: str | None = None
+
+    @property
+    def section(self) -> str:
+        return self.key.rsplit(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit(".", 1)[1]
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return repr(value)
+
+
+def _choice(*choices: str) -> Parser:
+    expected = " or ".join(f'"{c}"' for c in choices)
+    if len(choices) > 2:
+        expected = ", ".join(f'"{c}"' for c in choices[:-1]) + f' or "{choices[-1]}"'
+
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise Invalid(f"expected {expected}, got {_describe(value)}")
+        return cast(str, value)
+
+    return parse
+
+
+def _integer(low: int, high: int | None = None) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise Invalid(f"expected an integer, got {_describe(value)}")
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise Invalid(f"expected an integer {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(low: float, high: float) -> Parser:
+    def parse(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise Invalid(f"expected a number of seconds, got {_describe(value)}")
+        if not low <= value <= high:
+            raise Invalid(f"expected seconds from {low:g} to {high:g}, got {value}")
+        return float(value)
+
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _optional_group(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise Invalid(f"expected a group name, got {_describe(value)}")
+    return value
+
+
+def _string_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid(f"expected an array of strings, got {_describe(value)}")
+    return cast(list[str], value)
+
+
+def _listen(value: Any) -> tuple[Address, ...]:
+    items = _string_list(value)
+    if not items:
+        raise Invalid('expected at least one "host:port" address')
+    parsed: list[Address] = []
+    problems: list[str] = []
+    for item in items:
+        try:
+            address = Address.parse(item)
+        except ValueError as exc:
+            problems.append(f"{item!r}: {exc}")
+            continue
+        if address in parsed and address.port != 0:
+            problems.append(f"{item!r} is listed twice")
+        parsed.append(address)
+    if problems:
+        raise Invalid("; ".join(problems))
+    return tuple(parsed)
+
+
+def _networks(value: Any) -> tuple[Network, ...]:
+    networks: list[Network] = []
+    for item in _string_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise Invalid(f'expected CIDR networks like "10.0.0.0/8", got "{item}"') from None
+    return tuple(networks)
+
+
+def _handler_path(value: Any) -> str:
+    text = _string(value)
+    import_handler(text)  # raises Invalid with the reason
+    return text
+
+
+def _table(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise Invalid(f"expected a table, got {_describe(value)}")
+    return value
+
+
+def _file_mode(value: Any) -> int:
+    if isinstance(value, str) and value and all(c in "01234567" for c in value):
+        value = int(value, 8)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 0o777:
+        raise Invalid(f'expected a file mode like "0660" or 0o660, got {_describe(value)}')
+    return value
+
+
+def _log_output(value: Any) -> str:
+    text = _string(value)
+    if text in ("stdout", "stderr", "journald"):
+        return text
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise Invalid(
+            f'expected "stdout", "stderr", "journald" or a file path in an existing '
+            f'directory, got "{text}" ({parent} does not exist)'
+        )
+    return text
+
+
+def _socket_path(value: Any) -> str:
+    text = _string(value)
+    if len(os.fsencode(text)) > 107:
+        raise Invalid(f"a Unix socket path must be at most 107 bytes, got {len(text)}")
+    return text
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "server.listen",
+        ["127.0.0.1:9000"],
+        _listen,
+        'Addresses to serve, "host:port" or "[v6]:port". Port 0 picks a free port.',
+    ),
+    Setting(
+        "server.mode",
+        "threading",
+        _choice("threading", "forking"),
+        '"threading" (ThreadingTCPServer: a thread per connection) or "forking" '
+        "(ForkingTCPServer: a process per connection).",
+    ),
+    Setting(
+        "server.handler",
+        "sockd.handlers:EchoHandler",
+        _handler_path,
+        'The socketserver.BaseRequestHandler subclass to run, as "package.module:Class".',
+    ),
+    Setting(
+        "server.handler_options",
+        {},
+        _table,
+        "Free-form table handed to the handler as self.options (sockd-aware handlers).",
+    ),
+    Setting(
+        "server.request_queue_size",
+        1024,
+        _integer(1, 65535),
+        "Listen backlog: connections the kernel queues before sockd accepts them "
+        "(capped by net.core.somaxconn).",
+    ),
+    Setting(
+        "server.reuse_port",
+        False,
+        _boolean,
+        "Set SO_REUSEPORT so several processes can bind the same address.",
+    ),
+    Setting(
+        "server.shutdown_timeout",
+        30.0,
+        _seconds(0, 86400),
+        "Seconds a graceful stop waits for in-flight connections before closing them.",
+    ),
+    Setting(
+        "server.max_connections",
+        0,
+        _integer(0),
+        "Concurrent connections served at most; 0 means no limit.",
+    ),
+    Setting(
+        "server.on_limit",
+        "wait",
+        _choice("wait", "refuse"),
+        'At max_connections: "wait" leaves new connections in the listen backlog, '
+        '"refuse" closes them at once.',
+    ),
+    Setting(
+        "server.max_per_ip",
+        0,
+        _integer(0),
+        "Concurrent connections from one peer address (IPv6: one prefix); 0 means no limit.",
+    ),
+    Setting(
+        "server.ipv6_prefix",
+        64,
+        _integer(1, 128),
+        "Prefix length that counts as one IPv6 peer for max_per_ip.",
+    ),
+    Setting(
+        "server.idle_timeout",
+        0.0,
+        _seconds(0, 86400),
+        "Close a connection that sends nothing for this many seconds; 0 disables.",
+    ),
+    Setting(
+        "server.allow",
+        [],
+        _networks,
+        "CIDR networks allowed to connect; empty allows every peer not denied.",
+    ),
+    Setting(
+        "server.deny",
+        [],
+        _networks,
+        "CIDR networks refused before the handler runs; deny wins over allow.",
+    ),
+    Setting(
+        "server.max_children",
+        256,
+        _integer(1, 65535),
+        "Forking mode: child processes at most; further connections wait in the backlog.",
+    ),
+    Setting(
+        "logging.level",
+        "info",
+        _choice(*LOG_LEVELS),
+        "Least severe level written.",
+    ),
+    Setting(
+        "logging.format",
+        "json",
+        _choice("json", "logfmt", "console"),
+        '"json" (one object per line), "logfmt" (key=value) or "console" '
+        "(coloured when the output is a terminal).",
+    ),
+    Setting(
+        "logging.output",
+        "stdout",
+        _log_output,
+        '"stdout", "stderr", "journald" or a file path (reopened by sockctl reopen-logs).',
+    ),
+    Setting(
+        "logging.ring_size",
+        1000,
+        _integer(0, 1_000_000),
+        "Recent events kept in memory for sockctl logs.",
+    ),
+    Setting(
+        "control.socket",
+        "/run/sockd/control.sock",
+        _socket_path,
+        "Path of the control channel's Unix socket (sockctl talks to it).",
+    ),
+    Setting(
+        "control.mode",
+        0o660,
+        _file_mode,
+        'File mode of the control socket, "0660" or 0o660.',
+    ),
+    Setting(
+        "control.group",
+        None,
+        _optional_group,
+        "Group that owns the control socket; its members may use every command.",
+    ),
+    Setting(
+        "control.read_group",
+        None,
+        _optional_group,
+        "Group whose members may use the read-only commands (status, connections, logs).",
+    ),
+    Setting(
+        "control.request_timeout",
+        10.0,
+        _seconds(0.1, 3600),
+        "Seconds a control client may take to send its request.",
+    ),
+)
+
+SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+SECTIONS = ("server", "logging", "control")
+#: Keys whose value is a free-form table: their contents are not checked key by key.
+FREE_TABLES = frozenset({"server.handler_options"})
+
+
+def import_handler(path: str) -> type[socketserver.BaseRequestHandler]:
+    """Import ``"package.module:Class"``; raise ``Invalid`` saying why it is unusable."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise Invalid(f'expected "package.module:ClassName", got "{path}"')
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a config error
+        raise Invalid(f'cannot import module "{module_name}": {exc}') from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise Invalid(f'module "{module_name}" has no attribute "{attr}"') from None
+    if not isinstance(obj, type) or not issubclass(obj, socketserver.BaseRequestHandler):
+        raise Invalid(f'"{path}" is not a socketserver.BaseRequestHandler subclass')
+    return obj
+
+
+def _check_cross(values: Mapping[str, Any], problems: list[str]) -> None:
+    """Rules that involve more than one key."""
+    if values.get("control.group") and values.get("control.group") == values.get(
+        "control.read_group"
+    ):
+        problems.append("control.read_group: must differ from control.group")
+
+
+def from_mapping(data: Mapping[str, Any], path: str | None = None) -> Config:
+    """Validate a parsed TOML document; raise ``ConfigError`` listing every problem."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in SECTIONS:
+            problems.append(f"{key}: unknown section (expected one of {', '.join(SECTIONS)})")
+        elif not isinstance(value, dict):
+            problems.append(f"{key}: expected a table, got {_describe(value)}")
+    for section in SECTIONS:
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            continue
+        for name in table:
+            key = f"{section}.{name}"
+            if key not in SETTINGS_BY_KEY:
+                known = ", ".join(s.name for s in SETTINGS if s.section == section)
+                problems.append(f"{key}: unknown key (known keys: {known})")
+    for setting in SETTINGS:
+        table = data.get(setting.section, {})
+        raw = table.get(setting.name, setting.default) if isinstance(table, dict) else None
+        try:
+            values[setting.key] = setting.parse(raw)
+        except Invalid as exc:
+            problems.append(f"{setting.key}: {exc}")
+    _check_cross(values, problems)
+    if problems:
+        raise ConfigError(problems, path)
+    return build(values, path)
+
+
+def build(values: Mapping[str, Any], path: str | None) -> Config:
+    """Assemble the frozen settings objects from validated values."""
+
+    def section(name: str) -> dict[str, Any]:
+        return {s.name: values[s.key] for s in SETTINGS if s.section == name}
+
+    return Config(
+        server=ServerConfig(**section("server")),
+        logging=LoggingConfig(**section("logging")),
+        control=ControlConfig(**section("control")),
+        path=path,
+    )
+
+
+def parse_text(text: str, path: str | None = None) -> Config:
+    """Parse TOML text; syntax errors keep tomllib's line and column."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"TOML syntax error: {exc}"], path) from None
+    return from_mapping(data, path)
+
+
+def load(path: str) -> Config:
+    """Read and validate the config file at ``path``."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file: {exc.strerror}"], path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config file is not UTF-8 (byte {exc.start})"], path) from None
+    return parse_text(text, path)
+
+
+def value_of(config: Config, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return getattr(getattr(config, section), name)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready rendering of a setting's value."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Address | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    return value
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """The effective config, JSON-ready, in the file's shape."""
+    out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for setting in SETTINGS:
+        value = value_of(config, setting.key)
+        if setting.key == "control.mode":
+            value = f"0{value:o}"
+        out[setting.section][setting.name] = _plain(value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "old": _plain(self.old), "new": _plain(self.new)}
+
+
+def diff(old: Config, new: Config) -> list[Change]:
+    """Keys whose value differs between two configs, in declaration order."""
+    return [
+        Change(s.key, value_of(old, s.key), value_of(new, s.key))
+        for s in SETTINGS
+        if value_of(old, s.key) != value_of(new, s.key)
+    ]
+
+
+def defaults() -> Config:
+    """The configuration an empty file gives."""
+    return from_mapping({})
+
+
+def describe_problems(error: ConfigError) -> Sequence[str]:
+    """One line per problem, prefixed with the file, for terminals and logs."""
+    where = f"{error.path}: " if error.path else ""
+    return [f"{where}{problem}" for problem in error.problems]
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value)) if value else "0"
+    return str(value)
+
+
+def reference_table() -> str:
+    """The README's settings reference, generated from ``SETTINGS``."""
+    rows = ["| key | default | reload | meaning |", "| --- | --- | --- | --- |"]
+    for s in SETTINGS:
+        default = "(none)" if s.default is None else _toml(s.default)
+        if s.key == "control.mode":
+            default = '"0660"'
+        live = "live" if s.live else "restart"
+        rows.append(f"| `{s.key}` | `{default}` | {live} | {s.doc} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,159 @@
+"""``sockd --daemon --pidfile PATH``: run as a classic detached daemon on hosts without systemd.
+
+python-daemon's ``DaemonContext`` does the detaching (double fork, new session, working
+directory, umask, closing inherited descriptors). Its parent exits at once, which would
+lose every start-up error, so the terminal process forks first and waits on a pipe: the
+detached daemon writes ``ok`` once it serves, or the exit status and message of the
+error that stopped it. Address in use, a locked pid file or a bad control socket are
+therefore printed on the terminal with the right exit status, like a foreground start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import sys
+from typing import IO
+
+import daemon as python_daemon  # type: ignore[import-untyped]  # ships no type hints
+
+from sockd.config import Config
+from sockd.errors import ConfigError, SockdError
+from sockd.protocol import ExitCode
+
+
+class PidFileError(SockdError):
+    """The pid file is held by a running sockd, or cannot be written."""
+
+
+class PidFile:
+    """A pid file locked with ``flock`` for as long as the daemon runs.
+
+    A stale file (no process holds its lock) is replaced; a locked one means a live sockd,
+    so we refuse to start. The lock, not the pid written in the file, is the truth: a pid
+    can be reused by an unrelated process, a lock dies with its holder.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        self._fh: IO[str] | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise PidFileError(f"cannot open pid file {self.path}: {exc.strerror}") from None
+        fh = os.fdopen(fd, "r+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = fh.read().strip() or "unknown"
+            fh.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise PidFileError(
+                    f"sockd is already running (pid {holder}, pid file {self.path})"
+                ) from None
+            raise PidFileError(f"cannot lock pid file {self.path}: {exc.strerror}") from None
+        self._fh = fh
+
+    def write(self, pid: int) -> None:
+        assert self._fh is not None  # noqa: S101  # acquire() comes first
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"{pid}\n")
+        self._fh.flush()
+
+    def fileno(self) -> int:
+        assert self._fh is not None  # noqa: S101
+        return self._fh.fileno()
+
+    def release(self) -> None:
+        if self._fh is None:
+            return
+        with contextlib.suppress(OSError):
+            with open(self.path) as current:
+                if current.read().strip() == str(os.getpid()):
+                    os.unlink(self.path)
+        self._fh.close()
+        self._fh = None
+
+
+def _report(fd: int, status: int, message: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, f"{status} {message}".encode())
+        os.close(fd)
+
+
+def _ready(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, b"ok")
+        os.close(fd)
+
+
+def run_detached(config: Config, pidfile: str | None) -> int:
+    """Detach and serve; in the terminal process, return the daemon's start-up verdict."""
+    if config.logging.output in ("stdout", "stderr"):
+        raise ConfigError(
+            [
+                f'logging.output: "{config.logging.output}" is closed when sockd detaches; '
+                'use a file path or "journald" with --daemon'
+            ],
+            config.path,
+        )
+    read_end, write_end = os.pipe()
+    first = os.fork()
+    if first:
+        os.close(write_end)
+        chunks = []
+        while chunk := os.read(read_end, 4096):
+            chunks.append(chunk)
+        os.close(read_end)
+        os.waitpid(first, 0)
+        verdict = b"".join(chunks).decode("utf-8", "replace")
+        if verdict == "ok":
+            return ExitCode.OK
+        status, _, message = verdict.partition(" ")
+        print(f"sockd: {message or 'the daemon exited during start-up'}", file=sys.stderr)
+        return int(status) if status.isdigit() else ExitCode.FAILURE
+    os.close(read_end)
+    try:
+        _serve_detached(config, pidfile, write_end)
+    finally:
+        os._exit(0)
+
+
+def _serve_detached(config: Config, pidfile: str | None, report_fd: int) -> None:
+    from sockd.daemon import Daemon
+
+    lock = PidFile(pidfile) if pidfile else None
+    context = python_daemon.DaemonContext(
+        working_directory="/",
+        umask=0o027,
+        detach_process=True,
+        files_preserve=[report_fd],
+        signal_map={},  # the daemon installs its own handlers
+        prevent_core=False,
+    )
+    status: int = ExitCode.OK
+    try:
+        context.open()
+        if lock is not None:
+            lock.acquire()
+            lock.write(os.getpid())
+        daemon = Daemon(config)
+        status = daemon.run(on_ready=lambda: _ready(report_fd))
+    except ConfigError as exc:
+        _report(report_fd, ExitCode.CONFIG, "; ".join(exc.problems))
+        status = ExitCode.CONFIG
+    except SockdError as exc:
+        _report(report_fd, ExitCode.FAILURE, str(exc))
+        status = ExitCode.FAILURE
+    except OSError as exc:
+        _report(report_fd, ExitCode.FAILURE, exc.strerror or str(exc))
+        status = ExitCode.FAILURE
+    finally:
+        if lock is not None:
+            lock.release()
+        os._exit(status)

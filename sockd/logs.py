@@ -1,0 +1,325 @@
+"""Structured logging: structlog configured once, one sink, an in-memory ring for ``sockctl logs``.
+
+Event names are an interface operators grep and alert on; they are listed in ``EVENTS``
+and documented in the README. Every event carries ``timestamp`` (ISO-8601 UTC),
+``level`` and ``event``.
+
+Design choices, and why:
+- Lines are written with a single ``os.write`` on an ``O_APPEND`` descriptor, so lines
+  from forked children and threads never interleave.
+- The level is checked by the first processor against a value that can change at run
+  time (``sockctl log-level``), so cached loggers and loggers already bound to a
+  connection follow a change at once.
+- Reopening a file (logrotate) ``dup2``s the new file onto the same descriptor number:
+  no lock on the write path and no window without an output.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any, Final
+
+import structlog
+
+from sockd.config import LoggingConfig
+
+EVENTS: Final = {
+    "server.starting": "sockd is starting: version, pid, config path, mode",
+    "server.listening": "one listening address is accepting (address, inherited)",
+    "server.paused": "accepting stopped by sockctl pause",
+    "server.resumed": "accepting restarted by sockctl resume",
+    "server.stopping": "a graceful stop began (signal or sockctl stop): active, timeout_s",
+    "server.stopped": "the drain ended: finished, cut, duration_ms",
+    "server.error": "a runtime failure outside any connection",
+    "conn.open": "a connection was accepted (debug level: conn.close carries everything)",
+    "conn.close": "the canonical line for one connection: duration, bytes, how it ended",
+    "conn.refused": "connections refused by a limit or access rule (rate-limited summary)",
+    "handler.error": "the handler raised: traceback in 'exception'; that connection closes",
+    "accept.error": "accept() failed (EMFILE, ENFILE, ...); the loop backs off",
+    "child.exited": "forking mode: a child ended abnormally (signal or non-zero status)",
+    "reload.applied": "a reload took effect: changes, generation",
+    "reload.rejected": "a reload was refused; the old config stays: errors",
+    "control.request": "a state-changing control request: uid, pid, method, path, status",
+    "control.denied": "a control request refused for its credentials: uid, pid, path",
+    "control.error": "a control request failed inside sockd (bug): traceback",
+    "log.level_changed": "the log level was changed at run time",
+    "log.reopened": "the log file was reopened",
+}
+
+_LEVELS: Final = {
+    "debug": 10,
+    "info": 20,
+    "warning": 30,
+    "warn": 30,
+    "error": 40,
+    "exception": 40,
+    "critical": 50,
+    "fatal": 50,
+    "msg": 20,
+}
+
+
+def level_number(name: str) -> int:
+    return _LEVELS[name.lower()]
+
+
+class Sink:
+    """The one "logger" structlog writes to, for the daemon's whole life.
+
+    It owns a private descriptor that never changes number and is never closed while
+    running: switching output (reload) or reopening a rotated file ``dup2``s the new
+    target onto it, so a logger bound before the change can never write into a
+    descriptor number that was closed and reused for something else.
+    """
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.fd = self._open(target)
+        self._journal: Any = None
+        if target == "journald":
+            self._journal = _journal_writer()
+
+    @staticmethod
+    def _open(target: str) -> int:
+        if target in ("stdout", "journald"):
+            return os.dup(sys.stdout.fileno())
+        if target == "stderr":
+            return os.dup(sys.stderr.fileno())
+        return os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    @property
+    def is_journal(self) -> bool:
+        return self._journal is not None
+
+    def isatty(self) -> bool:
+        return os.isatty(self.fd)
+
+    def retarget(self, target: str) -> None:
+        """Point the descriptor at ``target`` (a reload or a logrotate reopen)."""
+        fresh = self._open(target)
+        try:
+            os.dup2(fresh, self.fd, inheritable=False)
+        finally:
+            os.close(fresh)
+        self._journal = _journal_writer() if target == "journald" else None
+        self.target = target
+
+    def reopen(self) -> None:
+        if self.target not in ("stdout", "stderr", "journald"):
+            self.retarget(self.target)
+
+    def write(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", "replace")
+        while data:
+            try:
+                written = os.write(self.fd, data)
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.EBADF, errno.EIO):
+                    return  # nobody reads our output any more; never crash on logging
+                raise
+            data = data[written:]
+
+    def msg(self, line: str | None = None, fields: Mapping[str, str] | None = None) -> None:
+        """structlog calls the method named after the level with the rendered event."""
+        if fields is not None:
+            journal = self._journal
+            if journal is not None:
+                with contextlib.suppress(OSError):
+                    journal.send(fields)
+                return
+            line = fields.get("MESSAGE", "")
+        if line is not None:
+            self.write(line)
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def _journal_writer() -> Any:
+    from sockd.systemd import JournalWriter  # only needed for journald output
+
+    return JournalWriter()
+
+
+_SYSLOG_PRIORITY: Final = {10: "7", 20: "6", 30: "4", 40: "3", 50: "2"}
+
+
+def _journal_fields(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """Final processor for journald: every field becomes ``SOCKD_<NAME>``."""
+    level = event_dict.pop("level", method)
+    event_dict.pop("timestamp", None)  # the journal stamps entries itself
+    event = str(event_dict.get("event", ""))
+    rest = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in ("event", "exception"))
+    fields = {
+        "MESSAGE": f"{event} {rest}".strip(),
+        "PRIORITY": _SYSLOG_PRIORITY.get(level_number(str(level)), "6"),
+        "SYSLOG_IDENTIFIER": "sockd",
+    }
+    for key, value in event_dict.items():
+        fields["SOCKD_" + key.upper()] = str(value)
+    if "exception" in event_dict:
+        fields["MESSAGE"] += "\n" + str(event_dict["exception"])
+    return {"fields": fields}
+
+
+class Subscription:
+    """A live feed of events for ``GET /v1/logs?follow=1``; bounded so a slow reader cannot grow us."""
+
+    def __init__(self, ring: LogRing, min_level: int, maxsize: int = 10_000) -> None:
+        self._ring = ring
+        self.min_level = min_level
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize)
+        self.dropped = 0
+
+    def offer(self, event: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            self.dropped += 1
+
+    def get(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self._ring.unsubscribe(self)
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class LogRing:
+    """The last N events as JSON-ready dicts, plus live subscribers."""
+
+    def __init__(self, size: int) -> None:
+        self._events: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+        self._subscribers: list[Subscription] = []
+        self._lock = threading.Lock()
+        self.enabled = True
+
+    def resize(self, size: int) -> None:
+        with self._lock:
+            self._events = collections.deque(self._events, maxlen=size)
+
+    def add(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        plain = {k: (v if isinstance(v, _PLAIN) else str(v)) for k, v in event.items()}
+        number = level_number(str(plain.get("level", "info")))
+        with self._lock:
+            self._events.append(plain)
+            for sub in self._subscribers:
+                if number >= sub.min_level:
+                    sub.offer(plain)
+
+    def history(self, n: int, min_level: str = "debug") -> list[dict[str, Any]]:
+        floor = level_number(min_level)
+        with self._lock:
+            events = list(self._events)
+        picked = [e for e in events if level_number(str(e.get("level", "info"))) >= floor]
+        return picked[-n:] if n else []
+
+    def subscribe(self, min_level: str = "debug") -> Subscription:
+        sub = Subscription(self, level_number(min_level))
+        with self._lock:
+            self._subscribers.append(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._subscribers.remove(sub)
+
+
+class LogSystem:
+    """Owns the sink, the live level and the ring; the daemon holds exactly one.
+
+    structlog is configured once with processors that read this object's current
+    state, so a reload or ``sockctl log-level`` changes every logger at once,
+    including those already bound to in-flight connections.
+    """
+
+    def __init__(self, settings: LoggingConfig) -> None:
+        self.settings = settings
+        self.level = level_number(settings.level)
+        self.level_name = settings.level
+        self.ring = LogRing(settings.ring_size)
+        self.sink = Sink(settings.output)
+        self._render: Callable[..., Any] = self._make_renderer()
+        sink = self.sink
+        structlog.configure(
+            processors=[
+                self._filter,
+                structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
+                structlog.processors.format_exc_info,
+                self._tap,
+                self._final,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(0),
+            logger_factory=lambda *_: sink,
+            cache_logger_on_first_use=True,
+        )
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        # A forked child's events still reach the output, but the ring and its
+        # subscribers live in the parent.
+        self.ring.enabled = False
+
+    def _filter(self, _: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        if _LEVELS.get(method, 20) < self.level:
+            raise structlog.DropEvent
+        event_dict["level"] = "error" if method == "exception" else method
+        return event_dict
+
+    def _tap(self, _: Any, __: str, event_dict: MutableMapping[str, Any]) -> Any:
+        self.ring.add(dict(event_dict))
+        return event_dict
+
+    def _final(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        return self._render(logger, method, event_dict)
+
+    def _make_renderer(self) -> Callable[..., Any]:
+        fmt = self.settings.format
+        if self.sink.is_journal:
+            return _journal_fields
+        if fmt == "logfmt":
+            return structlog.processors.LogfmtRenderer(
+                key_order=["timestamp", "level", "event"], drop_missing=True
+            )
+        if fmt == "console":
+            return structlog.dev.ConsoleRenderer(colors=self.sink.isatty())
+        return structlog.processors.JSONRenderer()
+
+    def set_level(self, name: str) -> str:
+        previous = self.level_name
+        self.level = level_number(name)
+        self.level_name = name
+        return previous
+
+    def reopen(self) -> None:
+        self.sink.reopen()
+
+    def apply(self, settings: LoggingConfig) -> None:
+        """Take new logging settings live (reload)."""
+        if settings.output != self.settings.output:
+            self.sink.retarget(settings.output)
+        if settings.ring_size != self.settings.ring_size:
+            self.ring.resize(settings.ring_size)
+        self.settings = settings
+        self.set_level(settings.level)
+        self._render = self._make_renderer()
+
+
+def get_logger(**context: Any) -> Any:
+    """A logger bound to ``context``; cheap, call it where the context is known."""
+    return structlog.get_logger().bind(**context) if context else structlog.get_logger()

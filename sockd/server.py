@@ -1,0 +1,865 @@
+"""Serving: our ``socketserver`` subclasses, the accept loop, and per-connection accounting.
+
+Each listen address is one ``socketserver`` server object: ``ThreadingListener`` (a
+``ThreadingTCPServer``) or ``ForkingListener`` (a ``ForkingTCPServer``), so a handler
+sees the ``self.server`` the standard library documents. They are extended only
+through socketserver's hooks (``get_request``, ``verify_request``, ``process_request``,
+``finish_request``, ``shutdown_request``, ``close_request``, ``handle_error``).
+
+One ``Acceptor`` thread serves every listener with one ``selectors`` loop instead of
+``serve_forever``'s 0.5 s poll: a self-pipe wakes it at once for a stop, a pause or a
+listener swap, so an idle daemon stops in milliseconds. It is also where systemd's
+watchdog is fed, so a stuck accept loop gets the service restarted.
+
+Byte counts come from the kernel (``TCP_INFO``), not from wrapping the socket: nothing
+is added to the data path, and the parent can read live counts of a connection that a
+forked child is serving (it keeps its copy of the descriptor until the child exits,
+which also lets ``sockctl kick`` close a child's connection with ``shutdown()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import os
+import selectors
+import signal
+import socket
+import socketserver
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import structlog
+
+from sockd.config import Address, Network, ServerConfig
+
+#: Offsets into Linux's ``struct tcp_info`` (stable ABI: fields are only ever appended).
+_TCPI_LAST_DATA_RECV: Final = 52
+_TCPI_BYTES_RECEIVED: Final = 128
+_TCPI_NOTSENT_BYTES: Final = 144
+_TCPI_BYTES_SENT: Final = 200  # Linux >= 4.19; with bytes_retrans right after it
+_TCPI_LEN: Final = 216
+_TCPI_LEN_OLD: Final = 136
+_TCPI_BYTES_ACKED: Final = 120
+
+ACCEPT_BATCH: Final = 64
+_Socket = socket.socket  # inside listener classes, "socket" is the listening socket attribute
+BACKOFF_MIN: Final = 0.05
+BACKOFF_MAX: Final = 1.0
+
+
+@dataclass(slots=True)
+class TrafficStats:
+    bytes_in: int = 0
+    bytes_out: int = 0
+    idle_ms: int = 0
+
+
+def tcp_stats(sock: socket.socket) -> TrafficStats | None:
+    """Bytes received and written so far, and ms since data last arrived, from TCP_INFO."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < _TCPI_LEN_OLD:
+        return None
+    (idle_ms,) = struct.unpack_from("I", info, _TCPI_LAST_DATA_RECV)
+    (received,) = struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)
+    if received and _peer_fin_received(sock, info[0]):
+        received -= 1  # the peer's FIN takes a sequence number; it is not a byte
+    if len(info) >= _TCPI_LEN:
+        sent, retrans = struct.unpack_from("QQ", info, _TCPI_BYTES_SENT)
+        (notsent,) = struct.unpack_from("I", info, _TCPI_NOTSENT_BYTES)
+        written = sent - retrans + notsent
+    else:
+        (written,) = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)
+    return TrafficStats(received, written, idle_ms)
+
+
+_FIN_RECEIVED_STATES: Final = frozenset({6, 8, 9, 11})  # TIME_WAIT CLOSE_WAIT LAST_ACK CLOSING
+_TCP_CLOSE: Final = 7
+
+
+def _peer_fin_received(sock: socket.socket, state: int) -> bool:
+    if state in _FIN_RECEIVED_STATES:
+        return True
+    if state != _TCP_CLOSE:
+        return False
+    # Fully closed: orderly (FIN seen, reads give EOF) or reset (an error, or nothing).
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except OSError:
+        return False
+
+
+class ConnSocket(socket.socket):
+    """An accepted socket that carries its ``Connection`` to the worker thread or child."""
+
+    __slots__ = ("sockd_conn",)
+    sockd_conn: Connection | None
+
+
+class Connection:
+    """One accepted connection, as the registry, the logs and the control channel see it."""
+
+    __slots__ = (
+        "close_reason",
+        "handler_cls",
+        "id",
+        "listen",
+        "log",
+        "options",
+        "peer_addr",
+        "peer_key",
+        "peer_port",
+        "pid",
+        "sock",
+        "started",
+        "started_wall",
+    )
+
+    def __init__(
+        self,
+        conn_id: int,
+        sock: ConnSocket,
+        peer: tuple[Any, ...],
+        listen: str,
+        peer_key: bytes | str,
+        handler_cls: type[socketserver.BaseRequestHandler],
+        options: dict[str, Any],
+    ) -> None:
+        self.id = conn_id
+        self.sock = sock
+        self.peer_addr: str = peer[0]
+        self.peer_port: int = peer[1]
+        self.listen = listen
+        self.peer_key = peer_key
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.pid: int | None = None
+        self.close_reason: str | None = None
+        self.handler_cls = handler_cls
+        self.options = options
+        self.log: Any = None
+
+    @property
+    def peer(self) -> str:
+        host = self.peer_addr
+        return f"[{host}]:{self.peer_port}" if ":" in host else f"{host}:{self.peer_port}"
+
+    def describe(self, now: float) -> dict[str, Any]:
+        stats = tcp_stats(self.sock) if self.sock.fileno() >= 0 else None
+        return {
+            "id": self.id,
+            "peer": self.peer,
+            "peer_addr": self.peer_addr,
+            "peer_port": self.peer_port,
+            "listen": self.listen,
+            "started_at": _iso(self.started_wall),
+            "age_s": round(now - self.started, 3),
+            "bytes_in": stats.bytes_in if stats else None,
+            "bytes_out": stats.bytes_out if stats else None,
+            "idle_s": round(stats.idle_ms / 1000, 3) if stats else None,
+            "pid": self.pid,
+            "handler": f"{self.handler_cls.__module__}:{self.handler_cls.__qualname__}",
+        }
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
+
+
+class Counters:
+    """Process-wide totals for /metrics; updated under the registry's lock."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.refused: dict[str, int] = {}
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.handler_errors = 0
+        self.accept_errors = 0
+        self.children_killed = 0
+
+
+class Registry:
+    """Every open connection, shared by the listeners, the daemon and the control channel."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active: dict[int, Connection] = {}
+        self.per_peer: dict[bytes | str, int] = {}
+        self.children: dict[int, Connection] = {}
+        self.counters = Counters()
+        self._ids = itertools.count(1)
+        #: Called (outside the lock) whenever a connection closes; wakes whoever waits.
+        self.on_close: Callable[[], None] = lambda: None
+        self._pending_refusals: dict[str, int] = {}
+        self._last_refusal_log = 0.0
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def add(self, conn: Connection) -> None:
+        with self.lock:
+            self.active[conn.id] = conn
+            self.per_peer[conn.peer_key] = self.per_peer.get(conn.peer_key, 0) + 1
+            self.counters.total += 1
+
+    def remove(self, conn: Connection, stats: TrafficStats | None, error: bool = False) -> bool:
+        with self.lock:
+            if self.active.pop(conn.id, None) is None:
+                return False
+            left = self.per_peer.get(conn.peer_key, 1) - 1
+            if left:
+                self.per_peer[conn.peer_key] = left
+            else:
+                self.per_peer.pop(conn.peer_key, None)
+            if conn.pid is not None:
+                self.children.pop(conn.pid, None)
+            if stats is not None:
+                self.counters.bytes_in += stats.bytes_in
+                self.counters.bytes_out += stats.bytes_out
+            if error:
+                self.counters.handler_errors += 1
+        self.on_close()
+        return True
+
+    def count(self) -> int:
+        return len(self.active)
+
+    def peer_count(self, key: bytes | str) -> int:
+        return self.per_peer.get(key, 0)
+
+    def snapshot(self) -> list[Connection]:
+        with self.lock:
+            return list(self.active.values())
+
+    def get(self, conn_id: int) -> Connection | None:
+        return self.active.get(conn_id)
+
+    def refused(self, reason: str) -> None:
+        with self.lock:
+            self.counters.refused[reason] = self.counters.refused.get(reason, 0) + 1
+            self._pending_refusals[reason] = self._pending_refusals.get(reason, 0) + 1
+
+    def flush_refusals(self, log: Any, now: float, every: float = 1.0) -> None:
+        """Log refusals as one summary line a second at most, never one line per peer."""
+        if not self._pending_refusals or now - self._last_refusal_log < every:
+            return
+        with self.lock:
+            pending, self._pending_refusals = self._pending_refusals, {}
+        self._last_refusal_log = now
+        log.warning("conn.refused", counts=pending, total=sum(pending.values()))
+
+
+class Hub:
+    """What every listener shares: live settings, the registry, the drain flag, the logger.
+
+    Settings are replaced whole on reload (one attribute assignment), so the accept path
+    reads a consistent snapshot without a lock.
+    """
+
+    def __init__(
+        self,
+        settings: ServerConfig,
+        handler_cls: type[socketserver.BaseRequestHandler],
+        registry: Registry,
+    ) -> None:
+        self.settings = settings
+        self.handler_cls = handler_cls
+        self.registry = registry
+        self.draining = threading.Event()
+        self.log: Any = structlog.get_logger()
+        self.listen_sockets: Callable[[], Iterable[socket.socket]] = lambda: ()
+        self.rules = AccessRules(settings)
+        #: Set by the daemon: the ``sd_notify`` watchdog ping, fed from the serving loop.
+        self.watchdog: Callable[[], object] | None = None
+        self.watchdog_interval: float | None = None
+        #: Run in a freshly forked child before the handler (e.g. forget sd_notify).
+        self.on_child_start: Callable[[], None] = lambda: None
+
+    def apply(
+        self, settings: ServerConfig, handler_cls: type[socketserver.BaseRequestHandler]
+    ) -> None:
+        self.rules = AccessRules(settings)
+        self.handler_cls = handler_cls
+        self.settings = settings
+
+    def at_capacity(self) -> bool:
+        settings = self.settings
+        limit = settings.max_connections
+        if settings.mode == "forking":
+            limit = min(limit, settings.max_children) if limit else settings.max_children
+        return bool(limit) and self.registry.count() >= limit
+
+
+class AccessRules:
+    """allow/deny CIDR checks and the per-peer key, precomputed as integers for speed."""
+
+    def __init__(self, settings: ServerConfig) -> None:
+        self.allow = [self._compile(n) for n in settings.allow]
+        self.deny = [self._compile(n) for n in settings.deny]
+        self.v6_mask_bytes = settings.ipv6_prefix
+        self.active = bool(self.allow or self.deny)
+
+    @staticmethod
+    def _compile(net: Network) -> tuple[int, int, int]:
+        return (net.version, int(net.network_address), int(net.netmask))
+
+    @staticmethod
+    def _as_int(host: str) -> tuple[int, int]:
+        if ":" in host:
+            if host.startswith("::ffff:") and "." in host:
+                return 4, int.from_bytes(socket.inet_aton(host[7:]), "big")
+            return 6, int.from_bytes(
+                socket.inet_pton(socket.AF_INET6, host.split("%", maxsplit=1)[0]), "big"
+            )
+        return 4, int.from_bytes(socket.inet_aton(host), "big")
+
+    def permits(self, host: str) -> bool:
+        version, value = self._as_int(host)
+        for v, net, mask in self.deny:
+            if v == version and value & mask == net:
+                return False
+        if not self.allow:
+            return True
+        return any(v == version and value & mask == net for v, net, mask in self.allow)
+
+    def peer_key(self, host: str) -> bytes | str:
+        """IPv4 peers count by address, IPv6 peers by their configured prefix."""
+        if ":" not in host or (host.startswith("::ffff:") and "." in host):
+            return host
+        raw = socket.inet_pton(socket.AF_INET6, host.split("%", maxsplit=1)[0])
+        bits = self.v6_mask_bytes
+        value = int.from_bytes(raw, "big") >> (128 - bits) << (128 - bits)
+        return value.to_bytes(16, "big")
+
+
+class SockdHandler(socketserver.BaseRequestHandler):
+    """Base for handlers that want more than ``self.request``.
+
+    Before ``setup()`` runs, sockd sets:
+    - ``self.options``: the ``[server.handler_options]`` table in force at accept time;
+    - ``self.log``: a structlog logger already bound to this connection (conn_id, peer);
+    - ``self.draining``: a ``threading.Event`` set when a graceful stop begins, so a
+      long-lived handler can finish early (``if self.draining.is_set(): break``).
+    A plain ``BaseRequestHandler`` runs unchanged; it just does not get these.
+    """
+
+    options: dict[str, Any]
+    log: Any
+    draining: threading.Event
+
+
+class ListenerMixin:
+    """Behaviour shared by both modes; mixed in before the socketserver class."""
+
+    hub: Hub
+    address: Address
+    label: str
+    socket: _Socket
+    RequestHandlerClass: Callable[..., socketserver.BaseRequestHandler]
+    inherited: bool
+
+    def setup_listener(
+        self, hub: Hub, address: Address, sock: _Socket | None, inherited: bool
+    ) -> None:
+        self.hub = hub
+        self.address = address
+        self.inherited = inherited
+        if sock is None:
+            sock = bind_socket(address, hub.settings.request_queue_size, hub.settings.reuse_port)
+        sock.setblocking(False)
+        self.socket = sock
+        bound = sock.getsockname()
+        self.label = str(Address(address.host, bound[1]))
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    # socketserver hooks -------------------------------------------------------------
+    def get_request(self) -> tuple[ConnSocket, Any]:
+        fd, addr = self.socket._accept()  # type: ignore[attr-defined]  # avoids a second socket object
+        sock = ConnSocket(self.socket.family, self.socket.type, self.socket.proto, fileno=fd)
+        sock.sockd_conn = None
+        return sock, addr
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Access rules and limits, checked before any handler code runs."""
+        hub = self.hub
+        settings = hub.settings
+        host: str = client_address[0]
+        if hub.rules.active and not hub.rules.permits(host):
+            hub.registry.refused("denied")
+            return False
+        if settings.on_limit == "refuse" and hub.at_capacity():
+            hub.registry.refused("max_connections")
+            return False
+        key = hub.rules.peer_key(host) if settings.max_per_ip else host
+        if settings.max_per_ip and hub.registry.peer_count(key) >= settings.max_per_ip:
+            hub.registry.refused("max_per_ip")
+            return False
+        conn = Connection(
+            hub.registry.next_id(),
+            request,
+            client_address,
+            self.label,
+            key,
+            hub.handler_cls,
+            dict(settings.handler_options),
+        )
+        request.sockd_conn = conn
+        hub.registry.add(conn)
+        return True
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Instantiate the handler; sockd-aware handlers get options, logger and drain flag."""
+        conn: Connection | None = getattr(request, "sockd_conn", None)
+        cls = conn.handler_cls if conn is not None else self.RequestHandlerClass
+        if conn is not None and isinstance(cls, type) and issubclass(cls, SockdHandler):
+            handler = cls.__new__(cls)
+            handler.options = conn.options
+            handler.log = conn.log
+            handler.draining = self.hub.draining
+            cls.__init__(handler, request, client_address, self)  # type: ignore[arg-type]
+        else:
+            cls(request, client_address, self)  # type: ignore[arg-type]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        conn: Connection | None = getattr(request, "sockd_conn", None)
+        log = conn.log if conn is not None and conn.log is not None else self.hub.log
+        exc = sys.exc_info()[1]
+        log.error(
+            "handler.error",
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=True,
+        )
+
+    def refuse(self, request: _Socket) -> None:
+        with contextlib.suppress(OSError):
+            request.close()
+
+
+class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
+    """``mode = "threading"``: socketserver's thread per connection, daemon threads.
+
+    Threads are daemon threads and ``block_on_close`` is off because the daemon drains
+    with a deadline itself; the standard library's join on close has none.
+    """
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(
+        self, hub: Hub, address: Address, sock: _Socket | None = None, inherited: bool = False
+    ) -> None:
+        socketserver.ThreadingTCPServer.__init__(
+            self, (address.host, address.port), hub.handler_cls, bind_and_activate=False
+        )
+        self.socket.close()
+        self.setup_listener(hub, address, sock, inherited)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            daemon=True,
+            name=f"conn-{request.sockd_conn.id}",
+        )
+        thread.start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        conn: Connection = request.sockd_conn
+        conn.log = self.hub.log.bind(
+            conn_id=conn.id, peer_addr=conn.peer_addr, peer_port=conn.peer_port, listen=conn.listen
+        )
+        conn.log.debug("conn.open")
+        ended = "closed"
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            ended = "error"
+            self.handle_error(request, client_address)
+        finally:
+            stats = tcp_stats(request)
+            self.shutdown_request(request)
+            if conn.close_reason is not None:
+                ended = conn.close_reason
+            if self.hub.registry.remove(conn, stats, error=ended == "error"):
+                log_close(conn, stats, ended)
+
+
+def log_close(conn: Connection, stats: TrafficStats | None, ended: str, **extra: Any) -> None:
+    conn.log.info(
+        "conn.close",
+        duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
+        bytes_in=stats.bytes_in if stats else None,
+        bytes_out=stats.bytes_out if stats else None,
+        ended=ended,
+        **extra,
+    )
+
+
+#: Signals whose inherited Python handlers make no sense in a forked child.
+_CHILD_SIGNALS: Final = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
+
+
+class ForkingListener(ListenerMixin, socketserver.ForkingTCPServer):
+    """``mode = "forking"``: socketserver's process per connection, reaped by the daemon.
+
+    ``ForkingMixIn`` waits inside the serving loop when at ``max_children`` and reaps
+    only from that loop; that stalls stopping and the watchdog. Here the loop stops
+    accepting at the cap instead (connections wait in the backlog), and the daemon's
+    main thread reaps on ``SIGCHLD``. The parent keeps its copy of each connection's
+    socket until the child exits, to read live byte counts and to close it on demand.
+    """
+
+    allow_reuse_address = True
+    block_on_close = False
+
+    def __init__(
+        self, hub: Hub, address: Address, sock: _Socket | None = None, inherited: bool = False
+    ) -> None:
+        socketserver.ForkingTCPServer.__init__(
+            self, (address.host, address.port), hub.handler_cls, bind_and_activate=False
+        )
+        self.socket.close()
+        self.setup_listener(hub, address, sock, inherited)
+
+    def service_actions(self) -> None:
+        """Reaping is the daemon's job (on SIGCHLD), never a blocking wait in this loop."""
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        conn: Connection = request.sockd_conn
+        conn.log = self.hub.log.bind(
+            conn_id=conn.id, peer_addr=conn.peer_addr, peer_port=conn.peer_port, listen=conn.listen
+        )
+        pid = os.fork()
+        if pid:
+            conn.pid = pid
+            with self.hub.registry.lock:
+                self.hub.registry.children[pid] = conn
+            conn.log.debug("conn.open", pid=pid)
+            return
+        # Child: this must never return, hence os._exit().
+        status = 1
+        try:
+            self._become_child(conn)
+            conn.log = conn.log.bind(pid=os.getpid())
+            try:
+                self.finish_request(request, client_address)
+                status = 0
+            except Exception:
+                self.handle_error(request, client_address)
+            finally:
+                self.shutdown_request(request)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                conn.log.exception("server.error", where="forked child")
+        finally:
+            os._exit(status)
+
+    def _become_child(self, conn: Connection) -> None:
+        """Drop what belongs to the parent: its signal handling and other descriptors."""
+        signal.set_wakeup_fd(-1)
+        for sig in _CHILD_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        # Ctrl-C reaches the whole process group; the parent decides how to stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # SIGTERM (from the parent's drain, or systemd's control-group kill) means
+        # "a drain has begun": finish the connection, do not die mid-reply.
+        draining = self.hub.draining
+        signal.signal(signal.SIGTERM, lambda *_: draining.set())
+        for sock in self.hub.listen_sockets():
+            with contextlib.suppress(OSError):
+                sock.close()
+        registry = self.hub.registry
+        registry.lock = threading.Lock()  # may have been held by another thread at fork
+        for other in list(registry.active.values()):
+            if other is not conn:
+                with contextlib.suppress(OSError):
+                    other.sock.close()
+        self.hub.on_child_start()
+
+    def close_request(self, request: Any) -> None:
+        """The parent keeps the descriptor until the child exits (see the class docstring)."""
+
+
+def finish_child(registry: Registry, pid: int, status: int) -> None:
+    """Account for a reaped child: close the parent's copy and log the canonical line."""
+    with registry.lock:
+        conn = registry.children.get(pid)
+    if conn is None:
+        return
+    stats = tcp_stats(conn.sock)
+    with contextlib.suppress(OSError):
+        conn.sock.close()
+    extra: dict[str, Any] = {"pid": pid}
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
+        ended = conn.close_reason or "killed"
+        extra["signal"] = name
+        with registry.lock:
+            registry.counters.children_killed += 1
+        conn.log.warning("child.exited", pid=pid, signal=name)
+    else:
+        code = os.WEXITSTATUS(status)
+        ended = conn.close_reason or ("closed" if code == 0 else "error")
+        if code not in (0, 1):
+            extra["exit_status"] = code
+            conn.log.warning("child.exited", pid=pid, exit_status=code)
+    if registry.remove(conn, stats, error=ended == "error"):
+        log_close(conn, stats, ended, **extra)
+
+
+def bind_socket(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
+    """Bind and listen on ``address``; raise OSError with the address in the message."""
+    infos = socket.getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, socktype, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # "[::]:9000" means IPv6 only; list "0.0.0.0:9000" too for IPv4.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    return sock
+
+
+Listener = ThreadingListener | ForkingListener
+LISTENER_CLASSES: Final[dict[str, type[ThreadingListener] | type[ForkingListener]]] = {
+    "threading": ThreadingListener,
+    "forking": ForkingListener,
+}
+
+_ACCEPT_RESOURCE_ERRORS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+)
+_ACCEPT_TRANSIENT_ERRORS: Final = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR}
+)
+
+
+class Acceptor:
+    """The serving loop: one thread, every listener, woken at once by a self-pipe."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.listeners: dict[Address, Listener] = {}
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._commands: list[tuple[Callable[[], None], threading.Event]] = []
+        self._lock = threading.Lock()
+        self._stop = False
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.paused = False
+        self._registered = False
+        self._backoff = 0.0
+        self._backoff_until = 0.0
+        self._last_accept_error_log = 0.0
+        self._suppressed_accept_errors = 0
+        self._next_watchdog = 0.0
+        self.loop_iterations = 0
+        hub.listen_sockets = lambda: [lst.socket for lst in list(self.listeners.values())]
+
+    # ---------------------------------------------------------------- thread control
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.serve_forever, name="acceptor", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def call(self, fn: Callable[[], None], timeout: float = 10.0) -> None:
+        """Run ``fn`` on the serving thread between accepts and wait for it."""
+        if self._thread is None or not self._thread.is_alive():
+            fn()
+            return
+        done = threading.Event()
+        with self._lock:
+            self._commands.append((fn, done))
+        self.wake()
+        if not done.wait(timeout):
+            raise TimeoutError("the serving loop did not answer")
+
+    def shutdown(self) -> None:
+        """Stop the loop; called from another thread (from the loop itself it would deadlock)."""
+        self._stop = True
+        self.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._stopped.wait()
+
+    # ---------------------------------------------------------------- listeners
+    def add(self, listener: Listener) -> None:
+        def do() -> None:
+            self.listeners[listener.address] = listener
+            self._sync_registration(force=True)
+
+        self.call(do)
+
+    def remove(self, address: Address) -> Listener | None:
+        removed: list[Listener] = []
+
+        def do() -> None:
+            listener = self.listeners.pop(address, None)
+            if listener is not None:
+                removed.append(listener)
+            self._sync_registration(force=True)
+
+        self.call(do)
+        return removed[0] if removed else None
+
+    def replace(self, listeners: dict[Address, Listener]) -> None:
+        def do() -> None:
+            self.listeners = dict(listeners)
+            self._sync_registration(force=True)
+
+        self.call(do)
+
+    def set_paused(self, paused: bool) -> None:
+        def do() -> None:
+            self.paused = paused
+            self._sync_registration()
+
+        self.call(do)
+
+    # ---------------------------------------------------------------- the loop
+    def _want_accepting(self, now: float) -> bool:
+        return not self.paused and now >= self._backoff_until and not self.hub.at_capacity()
+
+    def _sync_registration(self, force: bool = False) -> None:
+        want = self._want_accepting(time.monotonic())
+        if want == self._registered and not force:
+            return
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                self._selector.unregister(key.fileobj)
+        if want:
+            for listener in self.listeners.values():
+                self._selector.register(listener.socket, selectors.EVENT_READ, listener)
+        self._registered = want
+
+    def _timeout(self, now: float) -> float | None:
+        deadlines = []
+        if self.hub.watchdog_interval:
+            deadlines.append(self._next_watchdog - now)
+        if self._backoff_until > now:
+            deadlines.append(self._backoff_until - now)
+        if not self._registered and self.hub.at_capacity():
+            deadlines.append(0.5)  # a safety net: closes also wake us
+        return max(0.0, min(deadlines)) if deadlines else None
+
+    def serve_forever(self) -> None:
+        self._stopped.clear()
+        try:
+            self._sync_registration(force=True)
+            while not self._stop:
+                now = time.monotonic()
+                ready = self._selector.select(self._timeout(now))
+                if self._stop:
+                    break
+                for key, _ in ready:
+                    if key.data is None:
+                        self._drain_wakeups()
+                    else:
+                        self._accept(key.data)
+                self.service_actions()
+        finally:
+            self._stopped.set()
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._wake_r.recv(4096):
+                pass
+        with self._lock:
+            commands, self._commands = self._commands, []
+        for fn, done in commands:
+            try:
+                fn()
+            except Exception:
+                self.hub.log.exception("server.error", where="serving loop command")
+            finally:
+                done.set()
+
+    def service_actions(self) -> None:
+        """Once per loop turn: feed the watchdog, re-check limits and back-off."""
+        now = time.monotonic()
+        if self.hub.watchdog is not None and now >= self._next_watchdog:
+            self.hub.watchdog()
+            self._next_watchdog = now + (self.hub.watchdog_interval or 1.0)
+        self._sync_registration()
+        self.loop_iterations += 1
+
+    def _accept(self, listener: Listener) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self.hub.at_capacity():
+                self._sync_registration()
+                return
+            try:
+                request, client_address = listener.get_request()
+            except (BlockingIOError, InterruptedError):
+                self._backoff = 0.0
+                return
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            self._backoff = 0.0
+            try:
+                if listener.verify_request(request, client_address):
+                    listener.process_request(request, client_address)
+                else:
+                    listener.refuse(request)
+            except Exception:
+                self.hub.log.exception("server.error", where="process_request")
+                conn = request.sockd_conn
+                if conn is not None:
+                    self.hub.registry.remove(conn, None)
+                listener.refuse(request)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors or buffers: back off instead of spinning, log rate-limited."""
+        now = time.monotonic()
+        with self.hub.registry.lock:
+            self.hub.registry.counters.accept_errors += 1
+        if exc.errno in _ACCEPT_RESOURCE_ERRORS:
+            self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))
+            self._backoff_until = now + self._backoff
+            self._sync_registration()
+        elif exc.errno not in _ACCEPT_TRANSIENT_ERRORS:
+            self._backoff = BACKOFF_MAX
+            self._backoff_until = now + self._backoff
+            self._sync_registration()
+        if now - self._last_accept_error_log >= 1.0:
+            self.hub.log.error(
+                "accept.error",
+                error=os.strerror(exc.errno) if exc.errno else str(exc),
+                errno=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                suppressed=self._suppressed_accept_errors,
+                backoff_s=round(self._backoff, 3),
+            )
+            self._last_accept_error_log = now
+            self._suppressed_accept_errors = 0
+        else:
+            self._suppressed_accept_errors += 1

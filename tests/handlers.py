@@ -1,0 +1,116 @@
+"""Handlers used by the end-to-end tests; importable by the daemon as ``tests.handlers:Name``."""
+
+from __future__ import annotations
+
+import socketserver
+import time
+from typing import Any
+
+from sockd.handlers import ActionError, JSONActionHandler, SockdHandler, action
+
+
+class PlainEcho(socketserver.BaseRequestHandler):
+    """Written exactly as the standard library documents: knows nothing of sockd."""
+
+    def handle(self) -> None:
+        while data := self.request.recv(4096):
+            self.request.sendall(data)
+
+
+class Boom(socketserver.BaseRequestHandler):
+    """Raises on a connection that sends "boom", echoes otherwise."""
+
+    def handle(self) -> None:
+        data = self.request.recv(4096)
+        if data.startswith(b"boom"):
+            raise RuntimeError("handler exploded on purpose")
+        self.request.sendall(data)
+
+
+class SlowReply(SockdHandler):
+    """Reads one line, announces it in the log, waits ``options.delay`` s, replies."""
+
+    def handle(self) -> None:
+        line = self.request.makefile("rb").readline()
+        self.log.info("test.received", line=line.decode().strip())
+        time.sleep(float(self.options.get("delay", 0.5)))  # simulated work
+        self.request.sendall(b"done:" + line)
+
+
+class Silent(SockdHandler):
+    """Never answers: blocks reading until the peer (or a drain cut) closes."""
+
+    def handle(self) -> None:
+        self.log.info("test.blocked")
+        while self.request.recv(4096):
+            pass
+
+
+class Stubborn(SockdHandler):
+    """Ignores the socket and the drain: only the deadline's kill can end it (forking)."""
+
+    def handle(self) -> None:
+        self.log.info("test.blocked")
+        while True:
+            time.sleep(0.05)  # simulated work that never finishes
+
+
+class DrainAware(SockdHandler):
+    """Streams ticks until a drain begins, then says goodbye and returns."""
+
+    def handle(self) -> None:
+        self.log.info("test.blocked")
+        while not self.draining.wait(0.02):
+            pass
+        self.request.sendall(b"bye\n")
+
+
+class Options(SockdHandler):
+    """Replies with its handler_options as JSON, so tests can see what it was given."""
+
+    def handle(self) -> None:
+        import json
+
+        self.request.recv(16)
+        self.request.sendall(json.dumps(self.options).encode() + b"\n")
+
+
+class Tagged(SockdHandler):
+    """Echo that prefixes replies with ``options.tag`` (to tell handlers apart in reloads)."""
+
+    def handle(self) -> None:
+        tag = str(self.options.get("tag", "a")).encode()
+        while data := self.request.recv(4096):
+            self.request.sendall(tag + b":" + data)
+
+
+class TaggedB(Tagged):
+    """The same as Tagged under another name, for handler-change reloads."""
+
+    def handle(self) -> None:
+        while data := self.request.recv(4096):
+            self.request.sendall(b"B:" + data)
+
+
+class Calculator(JSONActionHandler):
+    """A JSON action service as the socketserver tutorials write them."""
+
+    secret = "not an action"  # noqa: S105  # a plain attribute, not a password
+
+    @action
+    def add(self, request: dict[str, Any]) -> Any:
+        values = request.get("values")
+        if not isinstance(values, list) or not all(isinstance(v, int | float) for v in values):
+            raise ActionError("bad_request", '"values" must be a list of numbers')
+        return sum(values)
+
+    @action(name="echo")
+    def echo_back(self, request: dict[str, Any]) -> Any:
+        return request.get("text")
+
+    @action
+    def fail(self, request: dict[str, Any]) -> Any:
+        raise ValueError("action failed on purpose")
+
+    def helper(self, request: dict[str, Any]) -> Any:
+        return "must never be reachable"
