@@ -7,6 +7,8 @@ failure (address in use, control socket taken), 2 usage error, 78 invalid config
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 
 import click
@@ -20,6 +22,18 @@ from sockd.protocol import ExitCode
 def _fail(message: str, code: int) -> None:
     click.echo(f"sockd: {message}", err=True)
     sys.exit(code)
+
+
+def _exit_now(status: int) -> None:
+    """Exit without the interpreter's module teardown, which takes ~25 ms here.
+
+    Everything sockd writes is already on its descriptors; exit handlers registered by
+    the user's handler code still run.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,7 +73,7 @@ def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None
 
     try:
         daemon = Daemon(config)
-        sys.exit(daemon.run())
+        _exit_now(daemon.run())
     except ConfigError as exc:
         for problem in exc.problems:
             click.echo(f"sockd: {config_path}: {problem}", err=True)

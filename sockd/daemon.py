@@ -155,7 +155,8 @@ class Daemon:
     def _on_connection_closed(self) -> None:
         if self.state == State.DRAINING:
             self._wake()
-        self.acceptor.wake()  # a slot freed up under max_connections
+        if self.acceptor.throttled:
+            self.acceptor.wake()  # a slot freed up under max_connections
 
     def _in_child(self) -> None:
         """A forked child must not hold the control channel's listening socket."""

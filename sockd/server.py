@@ -683,6 +683,11 @@ class Acceptor:
         self.loop_iterations = 0
         hub.listen_sockets = lambda: [lst.socket for lst in list(self.listeners.values())]
 
+    @property
+    def throttled(self) -> bool:
+        """Not accepting because of a limit (not a pause): a closing connection must wake us."""
+        return not self._registered and not self.paused and bool(self.listeners)
+
     # ---------------------------------------------------------------- thread control
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="acceptor", daemon=True)

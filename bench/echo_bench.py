@@ -1,0 +1,170 @@
+"""sockd vs the bare standard library server, side by side in one run.
+
+Runs the same echo handler (``sockd.handlers.EchoHandler``) under
+1. a bare ``socketserver.ThreadingTCPServer`` (daemon threads, the same backlog), and
+2. sockd in threading mode, logging every connection (JSON, info level) to a file,
+and measures, alternating the two servers round by round so machine noise hits both:
+- request rate: persistent connections, 64-byte messages, one in flight per connection;
+- connection rate: connect, one 64-byte exchange, close;
+- stop latency: SIGTERM to process exit on an idle server (sockd only).
+Prints each figure and the sockd/bare ratio. Targets: request rate >= 0.95, connection
+rate >= 0.90, stop < 50 ms. Exit status 1 if a target is missed (``--no-fail`` to only report).
+
+    .venv/bin/python bench/echo_bench.py [--seconds 3] [--rounds 3] [--clients 4]
+
+Only loopback is used; every load loop is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MESSAGE = b"x" * 64
+
+BARE_SERVER = """
+import socketserver, sys
+from sockd.handlers import EchoHandler
+class Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+srv = Server(("127.0.0.1", 0), EchoHandler)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"""
+
+
+def start_bare() -> tuple[subprocess.Popen[bytes], int]:
+    proc = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, cwd=REPO)
+    assert proc.stdout is not None
+    port = int(proc.stdout.readline())
+    return proc, port
+
+
+def start_sockd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    log = tmp / "sockd.log"
+    log.unlink(missing_ok=True)
+    config = tmp / "bench.toml"
+    config.write_text(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nmode = \"threading\"\n"
+        "[logging]\nlevel = \"info\"\nformat = \"json\"\n"
+        f'output = "{log}"\n[control]\nsocket = "{tmp}/ctl.sock"\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sockd", "--config", str(config)], cwd=REPO
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if log.exists():
+            for line in log.read_text().splitlines():
+                if '"server.listening"' in line:
+                    return proc, int(line.split('"address": "')[1].split('"')[0].rsplit(":", 1)[1])
+        time.sleep(0.02)  # polling a file for start-up, not a measurement
+    proc.kill()
+    raise SystemExit("sockd did not start")
+
+
+def _requests(port: int, seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    count = 0
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for _ in range(50):
+                sock.sendall(MESSAGE)
+                got = 0
+                while got < len(MESSAGE):
+                    got += len(sock.recv(4096))
+            count += 50
+    out.put(count)
+
+
+def _connections(port: int, seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    count = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(MESSAGE)
+            got = 0
+            while got < len(MESSAGE):
+                got += len(sock.recv(4096))
+        count += 1
+    out.put(count)
+
+
+def run_load(target: object, port: int, clients: int, seconds: float) -> float:
+    out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+    procs = [mp.Process(target=target, args=(port, seconds, out)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    total = sum(out.get(timeout=seconds + 30) for _ in procs)
+    for p in procs:
+        p.join(30)
+    return total / seconds
+
+
+def stop_latency_ms(tmp: Path) -> float:
+    proc, _ = start_sockd(tmp)
+    began = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
+    return (time.perf_counter() - began) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--no-fail", action="store_true")
+    args = parser.parse_args()
+    results: dict[str, dict[str, list[float]]] = {
+        "bare": {"req": [], "conn": []},
+        "sockd": {"req": [], "conn": []},
+    }
+    with tempfile.TemporaryDirectory(dir="/tmp", prefix="skb") as tmpdir:
+        tmp = Path(tmpdir)
+        for rnd in range(args.rounds):
+            order = ["bare", "sockd"] if rnd % 2 == 0 else ["sockd", "bare"]
+            for name in order:
+                proc, port = start_bare() if name == "bare" else start_sockd(tmp)
+                try:
+                    results[name]["req"].append(
+                        run_load(_requests, port, args.clients, args.seconds)
+                    )
+                    results[name]["conn"].append(
+                        run_load(_connections, port, args.clients, args.seconds)
+                    )
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(60)
+        stops = [stop_latency_ms(tmp) for _ in range(5)]
+    ok = True
+    print(f"echo benchmark: {args.rounds} rounds x {args.seconds:g}s, {args.clients} client processes, "
+          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
+    for metric, label, target in (("req", "request rate (req/s)", 0.95), ("conn", "connection rate (conn/s)", 0.90)):
+        bare = statistics.median(results["bare"][metric])
+        sockd = statistics.median(results["sockd"][metric])
+        ratio = sockd / bare
+        verdict = "OK" if ratio >= target else "MISSED"
+        ok &= ratio >= target
+        print(f"  {label:26} bare {bare:10.0f}   sockd {sockd:10.0f}   ratio {ratio:.3f}  (target >= {target}) {verdict}")
+    stop = statistics.median(stops)
+    ok &= stop < 50
+    print(f"  {'stop latency, idle (ms)':26} sockd median {stop:.1f} of {len(stops)} (target < 50) {'OK' if stop < 50 else 'MISSED'}")
+    return 0 if ok or args.no_fail else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""The ``sockctl`` command: click commands that call the client and print a view.
+
+Each command is three lines of intent: ask the client, pick the view (``render``) or
+the raw JSON, print. Failures are never handled in a command: the client raises a
+``SockctlError`` carrying its exit status, and ``SockctlGroup.invoke`` is the one place
+that turns it into ``sockctl: <message>`` on stderr and that status. It is also the
+edge that turns any unexpected exception into one line and exit 1 instead of a
+traceback. ``sys.exit`` is left to click's ``main``.
+
+Why not ``click.ClickException`` for these: click declares its ``exit_code`` as a class
+variable, while ours depends on the instance (a daemon error is 1 or 78 by its code),
+and the client stays usable without click. Usage errors remain click's own (exit 2).
+
+Exit statuses: 0 success, 1 the daemon refused or failed, 2 usage, 3 not running or
+unreachable, 4 permission denied, 5 control-API version mismatch, 78 invalid config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from sockctl import render
+from sockctl.client import ControlClient, DaemonError, SockctlError, wait_until_stopped
+from sockd import __version__
+from sockd import config as sockd_config
+from sockd.errors import ConfigError
+from sockd.protocol import (
+    API_VERSION,
+    CONTROL_SOCKET_ENV,
+    DEFAULT_CONTROL_SOCKET,
+    LOG_LEVELS,
+    ErrorCode,
+    ExitCode,
+)
+
+__all__ = ["ConfigFileError", "Settings", "SockctlGroup", "main"]
+
+#: ``stop --wait`` allows this long beyond the drain timeout the daemon announced: the
+#: process still has to close its listeners, flush its logs and exit.
+WAIT_GRACE_S = 10.0
+
+
+class ConfigFileError(SockctlError):
+    """A config file given to sockctl (``--config``) is invalid: exit 78."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(f"invalid config file {error.path}", ExitCode.CONFIG)
+        self.problems = list(error.problems)
+
+
+@dataclass
+class Settings:
+    """The global options, shared by every command through the click context."""
+
+    socket: str | None = None
+    config: str | None = None
+    json: bool = False
+    timeout: float = 30.0
+
+    def socket_path(self) -> str:
+        """``--socket`` > ``--config``'s ``control.socket`` > $SOCKD_CONTROL_SOCKET > default."""
+        if self.socket:
+            return self.socket
+        if self.config:
+            try:
+                return sockd_config.load(self.config).control.socket
+            except ConfigError as exc:
+                raise ConfigFileError(exc) from None
+        return os.environ.get(CONTROL_SOCKET_ENV) or DEFAULT_CONTROL_SOCKET
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.socket_path(), timeout=self.timeout)
+
+
+pass_settings = click.make_pass_decorator(Settings)
+
+
+def _emit_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def _error_lines(exc: SockctlError) -> list[str]:
+    if isinstance(exc, DaemonError):
+        return render.error_lines(
+            exc.message, exc.errors, config=exc.code == ErrorCode.INVALID_CONFIG
+        )
+    if isinstance(exc, ConfigFileError):
+        return render.error_lines(exc.message, exc.problems)
+    return render.error_lines(exc.message)
+
+
+class SockctlGroup(click.Group):
+    """The command group; its ``invoke`` is where exceptions become exit statuses."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SockctlError as exc:
+            settings = ctx.find_object(Settings)
+            if isinstance(exc, DaemonError) and settings is not None and settings.json:
+                _emit_json(exc.as_json())  # scripts get the daemon's error object too
+            for line in _error_lines(exc):
+                click.echo(f"sockctl: {line}", err=True)
+            raise click.exceptions.Exit(exc.exit_code) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, BrokenPipeError):
+            raise  # click's own handling: usage errors, explicit exits, Ctrl-C, EPIPE
+        except Exception as exc:  # the edge: a bug must still not show a traceback
+            click.echo(
+                f"sockctl: unexpected error: {type(exc).__name__}: {exc} (a bug in sockctl)",
+                err=True,
+            )
+            raise click.exceptions.Exit(ExitCode.FAILURE) from None
+
+
+@click.group(
+    cls=SockctlGroup,
+    epilog=(
+        "Exit status: 0 success, 1 the daemon refused or failed, 2 usage, 3 sockd not "
+        "running or unreachable, 4 permission denied, 5 control-API version mismatch, "
+        "78 invalid configuration."
+    ),
+)
+@click.option(
+    "--socket",
+    metavar="PATH",
+    help=f"Control socket (default: ${CONTROL_SOCKET_ENV}, else {DEFAULT_CONTROL_SOCKET}).",
+)
+@click.option(
+    "--config",
+    metavar="PATH",
+    help="Read the control socket's path from this sockd config file.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the raw JSON answer instead of a view."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the daemon to answer.",
+)
+@click.option(
+    "--color/--no-color",
+    default=None,
+    help="Colour the output (default: when writing to a terminal and $NO_COLOR is unset).",
+)
+@click.version_option(
+    __version__,
+    prog_name="sockctl",
+    message=f"%(prog)s %(version)s (control API v{API_VERSION})",
+)
+@click.pass_context
+def main(
+    ctx: click.Context,
+    *,  # click passes options by name
+    socket: str | None,
+    config: str | None,
+    as_json: bool,
+    timeout: float,
+    color: bool | None,
+) -> None:
+    """Manage a running sockd through its control socket."""
+    if color is None and os.environ.get("NO_COLOR"):
+        color = False
+    ctx.color = color
+    ctx.obj = Settings(socket=socket, config=config, json=as_json, timeout=timeout)
+
+
+@main.command()
+@pass_settings
+def status(settings: Settings) -> None:
+    """Show the daemon's state, uptime, listeners and counters."""
+    answer = settings.client().status()
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.status_view(answer, color=True))
+
+
+@main.command()
+@pass_settings
+def connections(settings: Settings) -> None:
+    """List open connections: peer, age, bytes in and out."""
+    answer = settings.client().connections()
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.connections_table(answer["connections"]))
+
+
+@main.command()
+@click.argument("connection_id", metavar="ID", type=click.IntRange(min=0))
+@pass_settings
+def kick(settings: Settings, connection_id: int) -> None:
+    """Close the connection ID (see `sockctl connections`)."""
+    answer = settings.client().close_connection(connection_id)
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.closed_view(answer))
+
+
+@main.command("config")
+@pass_settings
+def show_config(settings: Settings) -> None:
+    """Print the daemon's effective configuration, as TOML."""
+    answer = settings.client().config()
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.config_view(answer))
+
+
+@main.command()
+@pass_settings
+def reload(settings: Settings) -> None:
+    """Re-read the config file and apply it; print what changed.
+
+    A rejected config lists every problem and exits 78; the daemon keeps running
+    with its current configuration.
+    """
+    answer = settings.client().reload()
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.reload_view(answer))
+
+
+@main.command()
+@click.option(
+    "--timeout",
+    "drain_timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Wait this long for open connections (default: the daemon's shutdown_timeout).",
+)
+@click.option("--wait", is_flag=True, help="Return only once the daemon has exited.")
+@pass_settings
+def stop(settings: Settings, drain_timeout: float | None, wait: bool) -> None:
+    """Stop gracefully, letting open connections finish."""
+    client = settings.client()
+    answer = client.stop(drain_timeout)
+    if not settings.json:
+        click.echo(render.stop_view(answer))
+    if wait:
+        limit = float(answer["timeout"]) + WAIT_GRACE_S
+        if not wait_until_stopped(client.path, client.peer_pid, limit):
+            raise SockctlError(f"sockd is still running {limit:g}s after the stop request")
+        if not settings.json:
+            click.echo("sockd stopped")
+    if settings.json:
+        _emit_json(answer)
+
+
+@main.command()
+@pass_settings
+def pause(settings: Settings) -> None:
+    """Stop accepting new connections; open ones continue."""
+    answer = settings.client().pause()
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.state_view(answer))
+
+
+@main.command()
+@pass_settings
+def resume(settings: Settings) -> None:
+    """Accept new connections again after `pause`."""
+    answer = settings.client().resume()
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.state_view(answer))
+
+
+@main.command("log-level")
+@click.argument("level", type=click.Choice(LOG_LEVELS, case_sensitive=False))
+@pass_settings
+def log_level(settings: Settings, level: str) -> None:
+    """Change the log level until the next reload or restart."""
+    answer = settings.client().set_log_level(level.lower())
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.log_level_view(answer))
+
+
+@main.command("reopen-logs")
+@pass_settings
+def reopen_logs(settings: Settings) -> None:
+    """Reopen the log file (after logrotate moved it)."""
+    answer = settings.client().reopen_logs()
+    if settings.json:
+        _emit_json(answer)
+    else:
+        click.echo(render.reopen_view(answer))
+
+
+@main.command()
+@pass_settings
+def stats(settings: Settings) -> None:
+    """Show the daemon's metrics, readable."""
+    samples = render.parse_metrics(settings.client().metrics())
+    if settings.json:
+        _emit_json([sample.as_json() for sample in samples])
+    else:
+        click.echo(render.metrics_view(samples))
+
+
+@main.command()
+@click.option(
+    "-n",
+    "--lines",
+    type=click.IntRange(min=0),
+    default=100,
+    show_default=True,
+    help="How many recent events to show.",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new events; Ctrl-C ends.")
+@click.option(
+    "--level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="debug",
+    show_default=True,
+    help="Least severe level shown.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (NDJSON).")
+@pass_settings
+def logs(settings: Settings, lines: int, follow: bool, level: str, as_json: bool) -> None:
+    """Show recent log events; -f follows new ones.
+
+    Events come from the daemon's in-memory ring buffer, whatever its log output.
+    """
+    events = settings.client().logs(n=lines, level=level.lower(), follow=follow)
+    ndjson = as_json or settings.json
+    try:
+        for event in events:
+            if ndjson:
+                click.echo(json.dumps(event, ensure_ascii=False))
+            else:
+                click.echo(render.log_line(event, color=True))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a follow ends: not an error
+    finally:
+        events.close()  # closes the connection: the daemon stops streaming
+
+
+@main.command()
+@click.argument("path", metavar="[CONFIG]", required=False)
+@pass_settings
+def check(settings: Settings, path: str | None) -> None:
+    """Validate a sockd config file offline.
+
+    Checks what `sockd --check-config` checks, without a running daemon.
+
+    CONFIG defaults to --config, else /etc/sockd/sockd.toml. Exits 78 when invalid.
+    """
+    target = path or settings.config or sockd_config.DEFAULT_CONFIG_PATH
+    try:
+        sockd_config.load(target)
+        problems: list[str] = []
+    except ConfigError as exc:
+        problems = exc.problems
+    if settings.json:
+        _emit_json({"path": target, "ok": not problems, "problems": problems})
+    else:
+        click.echo(render.check_view(target, problems))
+    if problems:
+        raise click.exceptions.Exit(ExitCode.CONFIG)

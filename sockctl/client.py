@@ -1,0 +1,585 @@
+"""A typed client for sockd's control API (docs/control-api.md): one method per endpoint.
+
+The client owns the transport (HTTP/1.1 over a Unix stream socket, with nothing but the
+standard library), the version check on every answer, and the translation of every way
+a call can fail into one exception type that carries its exit status. It never prints:
+``sockctl.cli`` decides what people see. Other tools (tests, deployment scripts) can use
+it directly.
+
+Answers are returned as the ``TypedDict`` shapes documented in the control API. The
+client checks that each answer has its documented keys, so a daemon that drifted from
+the contract fails with a one-line ``ProtocolError`` instead of a ``KeyError`` deep in
+the rendering code. Values themselves are not type-checked: the daemon is trusted to
+that extent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http.client
+import json
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Generator
+from typing import Any, NotRequired, TypedDict, TypeVar, cast
+from urllib.parse import urlencode
+
+from sockd import __version__
+from sockd.protocol import API_PREFIX, API_VERSION, API_VERSION_HEADER, ErrorCode, ExitCode
+
+__all__ = [
+    "Change",
+    "Closed",
+    "ConfigDump",
+    "Connection",
+    "ConnectionCounts",
+    "ConnectionList",
+    "ControlClient",
+    "DaemonError",
+    "LastReload",
+    "LogEvent",
+    "LogLevelResult",
+    "NoAnswer",
+    "NotRunning",
+    "PermissionDenied",
+    "ProtocolError",
+    "ReloadResult",
+    "ReopenResult",
+    "SockctlError",
+    "StateResult",
+    "Status",
+    "StopResult",
+    "VersionMismatch",
+    "wait_until_stopped",
+]
+
+#: A log line longer than this is not something the daemon sends; stop reading instead
+#: of buffering without bound.
+MAX_LOG_LINE = 1024 * 1024
+
+
+# --- answers ------------------------------------------------------------------------
+
+
+class ConnectionCounts(TypedDict):
+    active: int
+    total: int
+    refused: int
+
+
+class Change(TypedDict):
+    key: str
+    old: Any
+    new: Any
+
+
+class LastReload(TypedDict):
+    at: str
+    result: str
+    generation: int
+    changes: NotRequired[list[Change]]
+    errors: NotRequired[list[str]]
+
+
+class Status(TypedDict):
+    api_version: int
+    pid: int
+    version: str
+    state: str
+    started_at: str
+    uptime_s: float
+    mode: str
+    handler: str
+    listen: list[str]
+    config_path: str | None
+    generation: int
+    log_level: str
+    connections: ConnectionCounts
+    last_reload: LastReload | None
+
+
+class Connection(TypedDict):
+    id: int
+    peer: str
+    listen: str
+    started_at: str
+    age_s: float
+    bytes_in: int | None  # None when the kernel's TCP_INFO could not be read
+    bytes_out: int | None
+    pid: int | None
+
+
+class ConnectionList(TypedDict):
+    connections: list[Connection]
+
+
+class Closed(TypedDict):
+    closed: int
+
+
+class ConfigDump(TypedDict):
+    path: str | None
+    generation: int
+    config: dict[str, dict[str, Any]]
+
+
+class ReloadResult(TypedDict):
+    result: str
+    generation: int
+    changes: list[Change]
+
+
+class StopResult(TypedDict):
+    state: str
+    timeout: float
+    active: int
+
+
+class StateResult(TypedDict):
+    state: str
+
+
+class LogLevelResult(TypedDict):
+    level: str
+    previous: str
+
+
+class ReopenResult(TypedDict):
+    reopened: bool
+    output: str
+
+
+#: One structured log event as the daemon's ring buffer holds it (``event``, ``level``,
+#: ``timestamp`` and free-form fields).
+LogEvent = dict[str, Any]
+
+_T = TypeVar("_T")
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+class SockctlError(Exception):
+    """Base of every error sockctl raises on purpose; carries the exit status it means."""
+
+    def __init__(self, message: str, exit_code: int = ExitCode.FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+class NotRunning(SockctlError):  # noqa: N818 - named for the state it reports, like click's Abort
+    """Nothing answers at the control socket: no file, nobody listening, unreachable."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"sockd is not running: {reason} ({path})", ExitCode.NOT_RUNNING)
+        self.path = path
+
+
+class PermissionDenied(SockctlError):  # noqa: N818 - named for the state it reports, like click's Abort
+    """The socket's file mode or the daemon's peer-credential check refused us."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ExitCode.PERMISSION)
+
+
+class VersionMismatch(SockctlError):  # noqa: N818 - named for the state it reports, like click's Abort
+    """The other end speaks another control-API version (or is not sockd at all)."""
+
+    def __init__(self, path: str, theirs: str | None) -> None:
+        if theirs is None:
+            message = (
+                f"{path} answered without an {API_VERSION_HEADER} header: "
+                "not a sockd control socket?"
+            )
+        else:
+            message = (
+                f"sockd at {path} speaks control API version {theirs}, sockctl "
+                f"{__version__} speaks version {API_VERSION}: use the sockctl that "
+                "came with the running sockd"
+            )
+        super().__init__(message, ExitCode.VERSION_MISMATCH)
+        self.theirs = theirs
+
+
+class DaemonError(SockctlError):
+    """The daemon answered with its error shape; ``invalid_config`` means exit 78."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        status: int,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        exit_code = ExitCode.CONFIG if code == ErrorCode.INVALID_CONFIG else ExitCode.FAILURE
+        super().__init__(message, exit_code)
+        self.code = code
+        self.status = status
+        self.details = details or {}
+
+    @property
+    def errors(self) -> list[str]:
+        """Every problem of a rejected reload (``details.errors``), empty otherwise."""
+        errors = self.details.get("errors")
+        if isinstance(errors, list):
+            return [str(e) for e in errors]
+        return []
+
+    def as_json(self) -> dict[str, Any]:
+        """The daemon's error object, as ``--json`` prints it."""
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            error["details"] = self.details
+        return {"error": error}
+
+
+class ProtocolError(SockctlError):
+    """The answer is not the HTTP/JSON the control API promises."""
+
+
+class NoAnswer(SockctlError):  # noqa: N818 - named for the state it reports, like click's Abort
+    """The daemon accepted the connection but did not answer in time (hung or very busy)."""
+
+
+# --- transport ----------------------------------------------------------------------
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``HTTPConnection`` whose transport is a Unix stream socket instead of TCP.
+
+    Only ``connect`` changes: http.client does the request framing, chunked decoding
+    and header parsing. ``peer_pid`` is the daemon's pid as the kernel reports it
+    (``SO_PEERCRED``, already translated into our pid namespace), which is what
+    ``stop --wait`` waits on.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        # The host only fills the Host header; the daemon ignores it.
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+        self.peer_pid: int | None = None
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.peer_pid = _peer_pid(sock)
+
+
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process at the other end, or None where the OS cannot say."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid: int = struct.unpack("3i", raw)[0]
+    return pid or None  # 0: the peer lives in a pid namespace we cannot see
+
+
+def _connect_error(path: str, exc: OSError) -> SockctlError:
+    """Name what went wrong reaching the socket, always with the path tried."""
+    if isinstance(exc, PermissionError):
+        return PermissionDenied(
+            f"permission denied connecting to {path} (sockctl needs root, the daemon's "
+            "user, or membership of the socket's group)"
+        )
+    if isinstance(exc, FileNotFoundError):
+        return NotRunning(path, "no control socket")
+    if isinstance(exc, ConnectionRefusedError):
+        return NotRunning(path, "nothing is listening on the control socket")
+    if isinstance(exc, TimeoutError):
+        return NoAnswer(f"sockd at {path} did not accept the connection in time")
+    reason = exc.strerror or str(exc)
+    return NotRunning(path, f"cannot connect: {reason}")
+
+
+def _decode_json(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        snippet = data[:60].decode("utf-8", "replace")
+        raise ProtocolError(f"{what}: the answer is not JSON: {snippet!r}") from None
+
+
+def _shaped(body: Any, kind: type[_T], what: str) -> _T:
+    """Check ``body`` is an object with every key the contract's ``kind`` requires."""
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{what}: expected a JSON object, got {type(body).__name__}")
+    required: frozenset[str] = getattr(kind, "__required_keys__", frozenset())
+    missing = sorted(required - body.keys())
+    if missing:
+        raise ProtocolError(f"{what}: the answer lacks {', '.join(missing)}")
+    return cast(_T, body)
+
+
+class ControlClient:
+    """One method per control endpoint; each opens a connection, asks, and closes it.
+
+    Every method raises a ``SockctlError`` subclass on failure, never ``OSError`` or
+    an http.client exception: callers only need ``exc.message`` and ``exc.exit_code``.
+    """
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        #: The daemon's pid from the last connection's peer credentials, if known.
+        self.peer_pid: int | None = None
+
+    # --- endpoints ---
+
+    def status(self) -> Status:
+        """``GET /v1/status``; also checks the API version the body reports."""
+        status = _shaped(self._call("GET", "/status"), Status, "status")
+        if status["api_version"] != API_VERSION:
+            raise VersionMismatch(self.path, str(status["api_version"]))
+        return status
+
+    def connections(self) -> ConnectionList:
+        """``GET /v1/connections``."""
+        answer = _shaped(self._call("GET", "/connections"), ConnectionList, "connections")
+        if not isinstance(answer["connections"], list):
+            raise ProtocolError("connections: expected a list of connections")
+        for item in answer["connections"]:
+            _shaped(item, Connection, "connections")
+        return answer
+
+    def close_connection(self, connection_id: int) -> Closed:
+        """``DELETE /v1/connections/{id}``."""
+        return _shaped(self._call("DELETE", f"/connections/{connection_id}"), Closed, "kick")
+
+    def config(self) -> ConfigDump:
+        """``GET /v1/config``: the effective configuration."""
+        return _shaped(self._call("GET", "/config"), ConfigDump, "config")
+
+    def reload(self) -> ReloadResult:
+        """``POST /v1/reload``; a rejected config raises ``DaemonError`` (exit 78)."""
+        return _shaped(self._call("POST", "/reload"), ReloadResult, "reload")
+
+    def stop(self, timeout: float | None = None) -> StopResult:
+        """``POST /v1/stop``; answered before the daemon exits (see ``wait_until_stopped``)."""
+        body = None if timeout is None else {"timeout": timeout}
+        return _shaped(self._call("POST", "/stop", body), StopResult, "stop")
+
+    def pause(self) -> StateResult:
+        """``POST /v1/pause``: stop accepting new connections."""
+        return _shaped(self._call("POST", "/pause"), StateResult, "pause")
+
+    def resume(self) -> StateResult:
+        """``POST /v1/resume``: accept new connections again."""
+        return _shaped(self._call("POST", "/resume"), StateResult, "resume")
+
+    def set_log_level(self, level: str) -> LogLevelResult:
+        """``PUT /v1/log-level``."""
+        answer = self._call("PUT", "/log-level", {"level": level})
+        return _shaped(answer, LogLevelResult, "log-level")
+
+    def reopen_logs(self) -> ReopenResult:
+        """``POST /v1/reopen-logs``."""
+        return _shaped(self._call("POST", "/reopen-logs"), ReopenResult, "reopen-logs")
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the Prometheus text exposition format, as text."""
+        with self._exchange("GET", "/metrics") as (_conn, response):
+            data = self._read_body(response)
+        return data.decode("utf-8", "replace")
+
+    def logs(
+        self, n: int = 100, level: str = "debug", follow: bool = False
+    ) -> Generator[LogEvent, None, None]:
+        """``GET /v1/logs``: yield each NDJSON event as soon as its line arrives.
+
+        With ``follow`` the stream has no end and no read timeout (an idle daemon is
+        not a hung one); closing the generator closes the connection, which is how the
+        daemon learns we went away.
+        """
+        query: dict[str, str | int] = {"n": n, "level": level}
+        if follow:
+            query["follow"] = 1
+        with self._exchange("GET", f"{API_PREFIX}/logs?{urlencode(query)}") as (conn, response):
+            if follow and conn.sock is not None:
+                conn.sock.settimeout(None)
+            yield from self._lines(response)
+
+    # --- plumbing ---
+
+    def _call(self, method: str, endpoint: str, body: Any = None) -> Any:
+        """Send one request under ``/v1`` and return the decoded JSON body."""
+        with self._exchange(method, API_PREFIX + endpoint, body) as (_conn, response):
+            data = self._read_body(response)
+        return _decode_json(data, f"{method} {API_PREFIX}{endpoint}")
+
+    @contextlib.contextmanager
+    def _exchange(
+        self, method: str, target: str, body: Any = None
+    ) -> Generator[tuple[UnixHTTPConnection, http.client.HTTPResponse], None, None]:
+        """Connect, send, check the version header and the status; always close.
+
+        Error statuses are raised here, so callers only ever see a successful answer.
+        """
+        conn = UnixHTTPConnection(self.path, self.timeout)
+        try:
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise _connect_error(self.path, exc) from None
+            self.peer_pid = conn.peer_pid
+            headers = {"Accept": "application/json", "User-Agent": f"sockctl/{__version__}"}
+            payload = None
+            if body is not None:
+                payload = json.dumps(body).encode()
+                headers["Content-Type"] = "application/json"
+            try:
+                conn.request(method, target, body=payload, headers=headers)
+                response = conn.getresponse()
+            except TimeoutError:
+                raise NoAnswer(
+                    f"sockd at {self.path} did not answer within {self.timeout:g}s"
+                ) from None
+            except (http.client.HTTPException, OSError) as exc:
+                raise ProtocolError(
+                    f"no valid answer from {self.path}: {_describe_exc(exc)}"
+                ) from None
+            self._check_version(response)
+            if response.status >= 400:
+                raise self._error(response)
+            yield conn, response
+        finally:
+            conn.close()
+
+    def _check_version(self, response: http.client.HTTPResponse) -> None:
+        theirs = response.getheader(API_VERSION_HEADER)
+        if theirs is None or theirs.strip() != str(API_VERSION):
+            raise VersionMismatch(self.path, None if theirs is None else theirs.strip())
+
+    def _read_body(self, response: http.client.HTTPResponse) -> bytes:
+        try:
+            return response.read()
+        except TimeoutError:
+            raise NoAnswer(f"sockd at {self.path} stopped answering mid-way") from None
+        except (http.client.HTTPException, OSError) as exc:
+            raise ProtocolError(
+                f"incomplete answer from {self.path}: {_describe_exc(exc)}"
+            ) from None
+
+    def _error(self, response: http.client.HTTPResponse) -> SockctlError:
+        """Turn an error answer into its exception (403 always means permission)."""
+        data = self._read_body(response)
+        what = f"HTTP {response.status}"
+        try:
+            error = _decode_json(data, what)["error"]
+            code, message = error["code"], error["message"]
+            details = error.get("details")
+        except (ProtocolError, KeyError, TypeError, AttributeError):
+            raise ProtocolError(
+                f"{what} from {self.path} without the control API's error object"
+            ) from None
+        if response.status == 403 or code == ErrorCode.FORBIDDEN:
+            return PermissionDenied(f"permission denied by sockd: {message}")
+        return DaemonError(
+            str(code),
+            str(message),
+            response.status,
+            details if isinstance(details, dict) else None,
+        )
+
+    def _lines(self, response: http.client.HTTPResponse) -> Generator[LogEvent, None, None]:
+        """Split the (chunked) body into NDJSON events as bytes arrive."""
+        pending = b""
+        while True:
+            try:
+                data = response.read1(65536)
+            except TimeoutError:
+                raise NoAnswer(f"sockd at {self.path} stopped sending logs") from None
+            except (http.client.HTTPException, OSError) as exc:
+                raise ProtocolError(
+                    f"the log stream from {self.path} broke off: {_describe_exc(exc)}"
+                ) from None
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    yield _event(line)
+            if len(pending) > MAX_LOG_LINE:
+                raise ProtocolError(f"logs: a line longer than {MAX_LOG_LINE} bytes")
+        if pending.strip():
+            yield _event(pending)
+
+
+def _event(line: bytes) -> LogEvent:
+    event = _decode_json(line, "logs")
+    if not isinstance(event, dict):
+        raise ProtocolError(f"logs: expected one JSON object per line, got {line[:60]!r}")
+    return event
+
+
+def _describe_exc(exc: BaseException) -> str:
+    """A short reason for transport errors, whose ``str()`` is often empty."""
+    if isinstance(exc, http.client.IncompleteRead):
+        return "connection closed mid-answer"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "connection closed without an answer"
+    if isinstance(exc, http.client.BadStatusLine):
+        return "not an HTTP answer"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _answers(path: str) -> bool:
+    """Whether something still accepts connections on the control socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            # A full backlog (EAGAIN) or a slow accept is a daemon still there.
+            return exc.errno in (errno.EAGAIN, errno.ETIMEDOUT) or isinstance(exc, TimeoutError)
+    return True
+
+
+def wait_until_stopped(path: str, pid: int | None, timeout: float) -> bool:
+    """Wait until the daemon is gone; False if it is still there after ``timeout`` s.
+
+    Gone means its process has exited when we know its pid (a pidfd becomes readable
+    at exit: no polling, no pid-reuse race), else that its control socket no longer
+    accepts connections (checked every 50 ms).
+    """
+    deadline = time.monotonic() + timeout
+    pidfd: int | None = None
+    # Waiting on our own pid (an in-process server, as in tests) could only time out.
+    if pid is not None and pid != os.getpid() and hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pidfd = None  # kernel without pidfds, or not allowed: use the socket
+    if pidfd is not None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            remaining = max(0.0, deadline - time.monotonic())
+            return bool(poller.poll(remaining * 1000))
+        finally:
+            os.close(pidfd)
+    while _answers(path):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        time.sleep(min(remaining, 0.05))
+    return True

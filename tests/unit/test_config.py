@@ -1,0 +1,154 @@
+"""Config validation, diffing, and the docs that must agree with the one declaration."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from sockd import config
+from sockd.config import Address, ConfigError, diff, from_mapping, parse_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def problems_of(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        from_mapping(data)
+    return info.value.problems
+
+
+def test_empty_file_gives_production_defaults() -> None:
+    """An empty config is valid and its defaults fit production (backlog well above 5)."""
+    cfg = from_mapping({})
+    assert cfg.server.listen == (Address("127.0.0.1", 9000),)
+    assert cfg.server.mode == "threading"
+    assert cfg.server.request_queue_size >= 128
+    assert cfg.server.shutdown_timeout == 30.0
+    assert cfg.control.socket == "/run/sockd/control.sock"
+    assert cfg.control.mode == 0o660
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:9000", Address("127.0.0.1", 9000)),
+        ("0.0.0.0:0", Address("0.0.0.0", 0)),
+        ("[::1]:9000", Address("::1", 9000)),
+        ("[::]:80", Address("::", 80)),
+        ("localhost:8080", Address("localhost", 8080)),
+    ],
+)
+def test_address_parsing(text: str, expected: Address) -> None:
+    """host:port and [v6]:port parse, and print back the same way."""
+    assert Address.parse(text) == expected
+    assert str(Address.parse(text)) == text
+
+
+@pytest.mark.parametrize("text", ["9000", "::1:9000", "[::1]9000", "[nope]:1", "h:70000", "h:x", ":80"])
+def test_bad_addresses_are_refused(text: str) -> None:
+    """Unparsable addresses raise ValueError with a reason."""
+    with pytest.raises(ValueError, match=r".+"):
+        Address.parse(text)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Several mistakes give several problems, each with its dotted key."""
+    problems = problems_of(
+        {
+            "server": {"mode": "forked", "listen": "127.0.0.1:9000", "reuse_port": "yes"},
+            "logging": {"level": 3},
+            "extra": {},
+        }
+    )
+    joined = "\n".join(problems)
+    assert 'server.mode: expected "threading" or "forking", got "forked"' in joined
+    assert "server.listen: expected an array of strings" in joined
+    assert "server.reuse_port: expected true or false" in joined
+    assert "logging.level: expected" in joined
+    assert "extra: unknown section" in joined
+    assert len(problems) == 5
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"server": {"request_queue_size": 0}}, "server.request_queue_size: expected an integer from 1"),
+        ({"server": {"request_queue_size": True}}, "server.request_queue_size: expected an integer, got true"),
+        ({"server": {"shutdown_timeout": -1}}, "server.shutdown_timeout: expected seconds from 0"),
+        ({"server": {"handler": "nomodule_xyz:H"}}, 'cannot import module "nomodule_xyz"'),
+        ({"server": {"handler": "sockd.handlers:Nope"}}, 'has no attribute "Nope"'),
+        ({"server": {"handler": "sockd.handlers"}}, 'expected "package.module:ClassName"'),
+        ({"server": {"handler": "json:JSONDecoder"}}, "not a socketserver.BaseRequestHandler"),
+        ({"server": {"listen": []}}, "at least one"),
+        ({"server": {"listen": ["1.2.3.4:1", "1.2.3.4:1"]}}, "listed twice"),
+        ({"server": {"allow": ["10.0.0.0/33"]}}, "server.allow: expected CIDR"),
+        ({"server": {"on_limit": "drop"}}, 'server.on_limit: expected "wait" or "refuse"'),
+        ({"server": {"handler_options": 3}}, "server.handler_options: expected a table"),
+        ({"server": {"bogus": 1}}, "server.bogus: unknown key"),
+        ({"logging": {"output": "/no/such/dir/log"}}, "logging.output:"),
+        ({"control": {"mode": "0999"}}, "control.mode: expected a file mode"),
+        ({"control": {"socket": "/x" * 60}}, "control.socket: a Unix socket path must be at most"),
+        ({"control": {"group": "g", "read_group": "g"}}, "control.read_group: must differ"),
+        ({"server": 5}, "server: expected a table"),
+    ],
+)
+def test_each_problem_names_key_and_expectation(data: dict[str, object], fragment: str) -> None:
+    """Each kind of mistake is explained with its key and what was expected."""
+    assert any(fragment in p for p in problems_of(data)), problems_of(data)
+
+
+def test_control_mode_accepts_octal_string_and_integer() -> None:
+    """control.mode takes "0640" or 0o640."""
+    assert from_mapping({"control": {"mode": "0640"}}).control.mode == 0o640
+    assert parse_text("[control]\nmode = 0o600\n").control.mode == 0o600
+
+
+def test_networks_are_parsed() -> None:
+    """allow/deny hold ip_network objects (host bits tolerated)."""
+    cfg = from_mapping({"server": {"deny": ["10.1.2.3/8", "::1/128"]}})
+    assert cfg.server.deny == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def test_toml_syntax_error_keeps_position() -> None:
+    """tomllib's line and column survive into the error."""
+    with pytest.raises(ConfigError, match="line 2, column 8"):
+        parse_text("[server]\nmode = forking\n")
+
+
+def test_diff_lists_changed_keys_in_declaration_order() -> None:
+    """diff() names exactly the keys whose value changed."""
+    old = from_mapping({})
+    new = from_mapping({"server": {"mode": "forking"}, "logging": {"level": "debug"}})
+    assert [c.key for c in diff(old, new)] == ["server.mode", "logging.level"]
+    assert diff(old, from_mapping({})) == []
+    assert diff(old, new)[0].as_dict() == {"key": "server.mode", "old": "threading", "new": "forking"}
+
+
+def test_to_dict_round_trips_through_validation() -> None:
+    """The effective config dump is itself a valid config giving the same settings."""
+    cfg = from_mapping({"server": {"allow": ["10.0.0.0/8"], "listen": ["[::1]:1"]}})
+    assert from_mapping(config.to_dict(cfg)) == cfg
+
+
+def test_example_config_documents_every_key() -> None:
+    """etc/sockd.toml sets or shows every declared key, each preceded by a comment."""
+    text = (REPO / "etc" / "sockd.toml").read_text()
+    data = tomllib.loads(text)
+    from_mapping(data)  # valid
+    for setting in config.SETTINGS:
+        if setting.key in config.FREE_TABLES:
+            assert f"[{setting.key}]" in text
+            continue
+        pattern = rf"^# [^\n]*\n(#? ?){re.escape(setting.name)} = "
+        assert re.search(pattern, text, re.MULTILINE), f"{setting.key} undocumented in etc/sockd.toml"
+
+
+def test_readme_reference_table_matches_declaration() -> None:
+    """The README's settings table is exactly what SETTINGS generates."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
+    assert block == config.reference_table()

@@ -1,0 +1,190 @@
+"""Built-in handlers called directly over socketpair(): no daemon, no network."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sockd.handlers import ActionError, EchoHandler, JSONActionHandler, action
+
+
+class Shop(JSONActionHandler):
+    """A handler with two actions, one renamed, and a plain method that must stay hidden."""
+
+    stock = {"apple": 3}  # noqa: RUF012  # test fixture data
+
+    @action
+    def count(self, request: dict[str, Any]) -> Any:
+        item = request.get("item")
+        if item not in self.stock:
+            raise ActionError("not_found", f"no {item!r}")
+        return self.stock[item]
+
+    @action(name="list-items")
+    def list_items(self, request: dict[str, Any]) -> Any:
+        return sorted(self.stock)
+
+    def restock(self, request: dict[str, Any]) -> Any:
+        self.stock["apple"] = 999
+        return "restocked"
+
+
+class Child(Shop):
+    """Actions are inherited; a subclass can add its own."""
+
+    @action
+    def ping(self, request: dict[str, Any]) -> Any:
+        return "pong"
+
+
+def serve(handler_cls: type, options: dict[str, Any] | None = None) -> tuple[socket.socket, threading.Thread]:
+    client, server = socket.socketpair()
+
+    def run() -> None:
+        handler = handler_cls.__new__(handler_cls)
+        if options is not None:
+            handler.options = options
+        handler_cls.__init__(handler, server, ("test", 0), None)
+        server.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    client.settimeout(10)
+    return client, thread
+
+
+@pytest.fixture
+def shop() -> Iterator[socket.socket]:
+    client, thread = serve(Child, {"max_line_bytes": 100})
+    yield client
+    client.close()
+    thread.join(10)
+
+
+def ask(sock: socket.socket, raw: bytes) -> dict[str, Any]:
+    sock.sendall(raw + b"\n")
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        assert chunk, "server closed the connection"
+        buf += chunk
+    reply: dict[str, Any] = json.loads(buf)
+    return reply
+
+
+def test_action_table_holds_only_marked_methods() -> None:
+    """Only @action methods (inherited ones too) are in the dispatch table."""
+    assert Child.actions == {"count": "count", "list-items": "list_items", "ping": "ping"}
+    assert "restock" not in Shop.actions
+
+
+def test_dispatch_and_id_echo(shop: socket.socket) -> None:
+    """A known action answers ok with its result and echoes the id."""
+    assert ask(shop, b'{"action": "count", "item": "apple", "id": "a1"}') == {
+        "ok": True,
+        "result": 3,
+        "id": "a1",
+    }
+    assert ask(shop, b'{"action": "list-items"}')["result"] == ["apple"]
+    assert ask(shop, b'{"action": "ping"}')["result"] == "pong"
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b'{"action": "restock"}', "unknown_action"),
+        (b'{"action": "__class__"}', "unknown_action"),
+        (b'{"action": "list_items"}', "unknown_action"),
+        (b'{"action": "nope"}', "unknown_action"),
+        (b"{bad json", "bad_json"),
+        (b"\xff\xfe\xfd", "bad_json"),
+        (b"[" * 100000 + b"]" * 10, "line_too_long"),
+        (b"[" * 90 + b"]" * 9, "bad_json"),
+        (b'"a string"', "bad_request"),
+        (b'{"no_action": 1}', "bad_request"),
+        (b'{"action": 5}', "bad_request"),
+        (b'{"action": "count", "item": "pear"}', "not_found"),
+    ],
+)
+def test_bad_requests_get_error_and_connection_survives(
+    shop: socket.socket, raw: bytes, code: str
+) -> None:
+    """Every bad request gets its error code, then the connection still works."""
+    reply = ask(shop, raw)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == code
+    assert ask(shop, b'{"action": "ping"}')["result"] == "pong"
+    assert Shop.stock["apple"] == 3
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash() -> None:
+    """Nesting deep enough to overflow the parser's recursion is answered as bad_json."""
+    client, thread = serve(Child, {"max_line_bytes": 10_000_000})
+    try:
+        reply = ask(client, b"[" * 200_000 + b"]" * 200_000)
+        assert reply["error"]["code"] == "bad_json"
+        assert ask(client, b'{"action": "ping"}')["result"] == "pong"
+    finally:
+        client.close()
+        thread.join(10)
+
+
+def test_huge_integer_is_an_error() -> None:
+    """An integer beyond Python's digit limit is refused cleanly."""
+    client, thread = serve(Child, {"max_line_bytes": 100_000})
+    try:
+        reply = ask(client, b'{"action": "ping", "n": ' + b"9" * 5000 + b"}")
+        assert reply["error"]["code"] == "bad_json"
+    finally:
+        client.close()
+        thread.join(10)
+
+
+def test_overlong_line_is_discarded_in_bounded_chunks() -> None:
+    """A 5 MB line is refused without the handler ever holding it whole."""
+    client, thread = serve(Child, {"max_line_bytes": 1000})
+    try:
+        sender = threading.Thread(target=lambda: client.sendall(b"x" * 5_000_000 + b"\n"))
+        sender.start()
+        buf = b""
+        while not buf.endswith(b"\n"):
+            buf += client.recv(4096)
+        sender.join(10)
+        assert json.loads(buf)["error"]["code"] == "line_too_long"
+        assert ask(client, b'{"action": "ping"}')["result"] == "pong"
+    finally:
+        client.close()
+        thread.join(10)
+
+
+def test_works_under_bare_socketserver_without_options() -> None:
+    """Without sockd (no options injected) the class defaults apply."""
+    client, thread = serve(Child, None)
+    try:
+        assert ask(client, b'{"action": "ping"}')["result"] == "pong"
+    finally:
+        client.close()
+        thread.join(10)
+
+
+def test_echo_handler_echoes_until_close() -> None:
+    """EchoHandler returns every byte and ends when the peer closes."""
+    client, thread = serve(EchoHandler)
+    for size in (1, 1000, 200_000):
+        payload = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+        sender = threading.Thread(target=client.sendall, args=(payload,))
+        sender.start()
+        got = b""
+        while len(got) < len(payload):
+            got += client.recv(65536)
+        sender.join(10)
+        assert got == payload
+    client.shutdown(socket.SHUT_WR)
+    thread.join(10)
+    assert not thread.is_alive()
+    client.close()

@@ -1,0 +1,343 @@
+"""sockctl's views: pure functions from control-API answers to text."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from datetime import UTC
+from typing import Any
+
+import click
+import pytest
+
+from sockctl import render
+from sockctl.client import ConfigDump, Connection, ReloadResult, Status
+
+STATUS: Status = {
+    "api_version": 1,
+    "pid": 4242,
+    "version": "0.1.0",
+    "state": "running",
+    "started_at": "2026-11-27T10:00:00.000000Z",
+    "uptime_s": 12.5,
+    "mode": "threading",
+    "handler": "sockd.handlers:EchoHandler",
+    "listen": ["127.0.0.1:9000", "[::1]:9000"],
+    "config_path": "/etc/sockd/sockd.toml",
+    "generation": 1,
+    "log_level": "info",
+    "connections": {"active": 3, "total": 120, "refused": 0},
+    "last_reload": None,
+}
+
+
+def _conn(**overrides: Any) -> Connection:
+    conn: Connection = {
+        "id": 17,
+        "peer": "127.0.0.1:51234",
+        "listen": "127.0.0.1:9000",
+        "started_at": "2026-11-27T10:00:00Z",
+        "age_s": 192.0,
+        "bytes_in": 120,
+        "bytes_out": 1_300_000,
+        "pid": None,
+    }
+    conn.update(overrides)  # type: ignore[typeddict-item]  # test data, keys are valid
+    return conn
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1229, "1.2 KiB"),
+        (1_300_000, "1.2 MiB"),
+        (5 * 1024**3, "5.0 GiB"),
+        (3 * 1024**5, "3072.0 TiB"),
+    ],
+)
+def test_human_bytes(count: int, text: str) -> None:
+    """Byte counts use binary units with one decimal above plain bytes."""
+    assert render.human_bytes(count) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.25, "250ms"),
+        (3.21, "3.2s"),
+        (42.9, "42s"),
+        (192, "3m 12s"),
+        (7500, "2h 5m"),
+        (3 * 86400 + 4 * 3600 + 5, "3d 4h"),
+        (-1, "-"),
+        (math.nan, "-"),
+    ],
+)
+def test_human_duration(seconds: float, text: str) -> None:
+    """Durations show at most two units, and nonsense shows as a dash."""
+    assert render.human_duration(seconds) == text
+
+
+def test_timestamp_in_a_given_zone() -> None:
+    """ISO timestamps read as date, time and zone; unparsable ones pass through."""
+    assert render.timestamp("2026-11-27T10:00:00.5Z", UTC) == "2026-11-27 10:00:00 UTC"
+    assert render.timestamp("yesterday", UTC) == "yesterday"
+
+
+def test_status_view_fields_are_aligned() -> None:
+    """The status view has a headline, then every label's value in one column."""
+    text = render.status_view(STATUS, tz=UTC)
+    lines = text.splitlines()
+    assert lines[0] == "sockd 0.1.0 (pid 4242): running"
+    assert "  uptime:      12s, since 2026-11-27 10:00:00 UTC" in lines
+    assert "  listen:      127.0.0.1:9000, [::1]:9000" in lines
+    assert "  config:      /etc/sockd/sockd.toml (generation 1)" in lines
+    assert len({len(line) - len(line.split(": ", 1)[1].lstrip()) for line in lines[1:]}) == 1
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_status_view_shows_a_rejected_reload_with_its_errors() -> None:
+    """A rejected last reload is summarised and each of its errors listed."""
+    status: Status = {
+        **STATUS,
+        "last_reload": {
+            "at": "2026-11-27T10:05:00Z",
+            "result": "rejected",
+            "generation": 1,
+            "changes": [],
+            "errors": ["server.mode: expected a mode", "server.bogus: unknown key"],
+        },
+    }
+    lines = render.status_view(status, tz=UTC).splitlines()
+    assert lines[-3] == (
+        "  last reload: rejected at 2026-11-27 10:05:00 UTC (generation 1, 2 errors)"
+    )
+    assert lines[-2:] == ["    server.mode: expected a mode", "    server.bogus: unknown key"]
+
+
+def test_status_view_colours_the_state_only_when_asked() -> None:
+    """Colour is opt-in: the state is styled with it and plain without."""
+    assert "\x1b[" not in render.status_view(STATUS)
+    coloured = render.status_view(STATUS, color=True)
+    assert click.style("running", fg="green", bold=True) in coloured
+
+
+def test_connections_table_aligns_and_humanises() -> None:
+    """Columns line up, numbers are right-aligned, pid null reads as a dash."""
+    rows = [_conn(), _conn(id=1234, peer="[2001:db8::1]:40000", bytes_in=5, pid=99)]
+    lines = render.connections_table(rows).splitlines()
+    assert lines[0].split() == ["ID", "PEER", "LISTEN", "AGE", "IN", "OUT", "PID"]
+    assert lines[1].startswith("  17  127.0.0.1:51234 ")
+    assert lines[1].endswith("3m 12s  120 B  1.2 MiB    -")
+    assert lines[2].startswith("1234  [2001:db8::1]:40000")
+    assert lines[2].endswith("3m 12s    5 B  1.2 MiB   99")
+    assert lines[-1] == "2 connections"
+    assert all(len(line) <= 80 for line in lines)
+
+
+def test_connections_table_unknown_byte_counts() -> None:
+    """Byte counts the daemon could not read (null) show as a dash."""
+    lines = render.connections_table([_conn(bytes_in=None, bytes_out=None)]).splitlines()
+    assert lines[1].split()[-4:] == ["12s", "-", "-", "-"]
+
+
+def test_connections_table_empty() -> None:
+    """No connections is a sentence."""
+    assert render.connections_table([]) == "no open connections"
+
+
+def test_config_view_is_valid_toml() -> None:
+    """The config view parses as TOML to the same values, unset keys left as comments."""
+    dump: ConfigDump = {
+        "path": "/etc/sockd/sockd.toml",
+        "generation": 3,
+        "config": {
+            "server": {
+                "listen": ["127.0.0.1:9000"],
+                "reuse_port": False,
+                "shutdown_timeout": 30.0,
+                "handler_options": {"greeting": 'say "hi"', "odd key": 1},
+            },
+            "control": {"mode": "0660", "group": None},
+        },
+    }
+    text = render.config_view(dump)
+    assert text.splitlines()[0] == "# /etc/sockd/sockd.toml (generation 3), effective values"
+    assert 'listen           = ["127.0.0.1:9000"]' in text
+    assert "# group is not set" in text
+    parsed = tomllib.loads(text)
+    assert parsed["server"] == dump["config"]["server"]
+    assert parsed["control"] == {"mode": "0660"}
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (True, "true"),
+        (3, "3"),
+        (2.5, "2.5"),
+        (math.inf, "inf"),
+        ("a\nb", '"a\\nb"'),
+        ([1, "x"], '[1, "x"]'),
+        ({}, "{}"),
+        ({"a": 1}, "{ a = 1 }"),
+        (None, '""'),
+    ],
+)
+def test_toml_value(value: Any, text: str) -> None:
+    """Values print as TOML literals."""
+    assert render.toml_value(value) == text
+
+
+def test_reload_view_lists_changes() -> None:
+    """An applied reload lists `key: old -> new`, with unset values named."""
+    text = render.reload_view(
+        {
+            "result": "applied",
+            "generation": 2,
+            "changes": [
+                {"key": "logging.level", "old": "info", "new": "debug"},
+                {"key": "control.group", "old": None, "new": "ops"},
+            ],
+        }
+    )
+    assert text.splitlines() == [
+        "reload applied: generation 2, 2 changes",
+        '  logging.level: "info" -> "debug"',
+        '  control.group: (not set) -> "ops"',
+    ]
+
+
+def test_reload_view_without_changes() -> None:
+    """A reload of an unchanged file says so."""
+    answer: ReloadResult = {"result": "applied", "generation": 4, "changes": []}
+    assert render.reload_view(answer) == "reload applied: generation 4, no changes"
+
+
+def test_error_lines_for_a_rejected_reload() -> None:
+    """A rejected reload's error says the daemon kept its config, then lists problems."""
+    assert render.error_lines("2 problems", ["a: x", "b: y"], config=True) == [
+        "reload rejected, sockd keeps its current configuration: 2 problems",
+        "  a: x",
+        "  b: y",
+    ]
+    assert render.error_lines("plain") == ["plain"]
+
+
+def test_small_views() -> None:
+    """Stop, pause/resume, log-level, reopen, kick and check read as sentences."""
+    assert render.stop_view({"state": "draining", "timeout": 5.0, "active": 1}) == (
+        "sockd is draining: waiting up to 5.0s for 1 open connection to finish"
+    )
+    assert render.state_view({"state": "paused"}).startswith("sockd is paused")
+    assert render.state_view({"state": "draining"}) == "sockd is draining"
+    assert render.log_level_view({"level": "debug", "previous": "info"}).startswith(
+        "log level: info -> debug"
+    )
+    assert render.reopen_view({"reopened": False, "output": "stdout"}) == (
+        "nothing to reopen: logs go to stdout"
+    )
+    assert render.closed_view({"closed": 3}) == "closed connection 3"
+    assert render.check_view("/x.toml", []) == "/x.toml: OK"
+    assert render.check_view("/x.toml", ["a", "b"]) == "/x.toml: a\n/x.toml: b"
+
+
+METRICS = """\
+# HELP sockd_connections_open Connections being served.
+# TYPE sockd_connections_open gauge
+sockd_connections_open 3
+sockd_connections_refused_total{reason="limit"} 4
+sockd_connections_refused_total{reason="denied"} 1
+sockd_bytes_sent_total 1300000 1732700000000
+sockd_info{version="0.1.0",mode="forking"} 1
+process_open_fds 12
+weird_metric{path="a \\"quoted\\" \\\\ value"} +Inf
+this line is not a sample
+"""
+
+
+def test_parse_metrics() -> None:
+    """Samples keep names, unescaped labels and values; comments and junk are skipped."""
+    samples = render.parse_metrics(METRICS)
+    assert [s.name for s in samples] == [
+        "sockd_connections_open",
+        "sockd_connections_refused_total",
+        "sockd_connections_refused_total",
+        "sockd_bytes_sent_total",
+        "sockd_info",
+        "process_open_fds",
+        "weird_metric",
+    ]
+    assert samples[1].labels == {"reason": "limit"}
+    assert samples[3].value == 1_300_000
+    assert samples[-1].labels == {"path": 'a "quoted" \\ value'}
+    assert samples[-1].value == math.inf
+    assert samples[-1].as_json()["value"] == "inf"
+    assert samples[0].as_json() == {"name": "sockd_connections_open", "labels": {}, "value": 3}
+
+
+def test_metrics_view() -> None:
+    """Known metrics get names and units, labelled ones a breakdown, unknown ones follow."""
+    lines = render.metrics_view(render.parse_metrics(METRICS)).splitlines()
+    assert lines == [
+        "sockd:               version=0.1.0, mode=forking",
+        "connections open:    3",
+        "connections refused: 5 (limit: 4, denied: 1)",
+        "bytes sent:          1.2 MiB",
+        "process_open_fds:    12",
+        'weird_metric{path=a "quoted" \\ value}: inf',
+    ]
+    assert render.metrics_view([]) == "no metrics"
+
+
+def test_log_line_plain() -> None:
+    """A log event reads `HH:MM:SS.mmm LEVEL event key=value`, quoting where needed."""
+    event = {
+        "timestamp": "2026-11-27T10:00:01.250000Z",
+        "level": "warning",
+        "event": "conn.close",
+        "id": 17,
+        "reason": "idle timeout",
+        "bytes_in": 0,
+        "tags": ["a", "b"],
+        "peer": None,
+    }
+    assert render.log_line(event, tz=UTC) == (
+        '10:00:01.250 WARNING  conn.close id=17 reason="idle timeout" bytes_in=0 '
+        'tags=["a","b"] peer=null'
+    )
+
+
+def test_log_line_epoch_and_missing_timestamps() -> None:
+    """Epoch-second timestamps work; a missing one shows a dash in the same width."""
+    assert render.log_line({"ts": 0.5, "level": "info", "event": "x"}, tz=UTC) == (
+        "00:00:00.500 INFO     x"
+    )
+    assert render.log_line({"level": "info", "event": "x"}) == "-            INFO     x"
+
+
+def test_log_line_puts_tracebacks_below() -> None:
+    """A multi-line field follows on indented lines instead of one escaped value."""
+    event = {
+        "timestamp": "2026-11-27T10:00:01Z",
+        "level": "error",
+        "event": "handler.error",
+        "exception": "Traceback (most recent call last):\n  boom\nValueError: x\n",
+    }
+    assert render.log_line(event, tz=UTC).splitlines() == [
+        "10:00:01.000 ERROR    handler.error",
+        "  exception:",
+        "    Traceback (most recent call last):",
+        "      boom",
+        "    ValueError: x",
+    ]
+
+
+def test_log_line_colour() -> None:
+    """With colour the level is styled by severity and the text is otherwise the same."""
+    event = {"timestamp": "2026-11-27T10:00:01Z", "level": "error", "event": "e", "k": "v"}
+    coloured = render.log_line(event, color=True, tz=UTC)
+    assert click.style("ERROR   ", fg="red") in coloured
+    assert click.unstyle(coloured) == render.log_line(event, tz=UTC)

@@ -1,0 +1,860 @@
+"""sockctl against a real HTTP server on a real Unix socket, answering canned responses.
+
+The fake daemon is ``http.server.BaseHTTPRequestHandler`` on a threading
+``socketserver.UnixStreamServer``: real sockets, real HTTP framing and chunked
+encoding, so the client's transport is exercised, not mocked. Each test sets the
+answers it needs and can inspect the requests the server received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shutil
+import socket
+import socketserver
+import subprocess
+import sys
+import tempfile
+import threading
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from click.testing import CliRunner, Result
+
+from sockctl import cli
+from sockctl.client import (
+    ControlClient,
+    NotRunning,
+    PermissionDenied,
+    _connect_error,
+    wait_until_stopped,
+)
+from sockd.protocol import API_VERSION_HEADER, CONTROL_SOCKET_ENV, DEFAULT_CONTROL_SOCKET
+
+# --- the fake daemon ------------------------------------------------------------------
+
+STATUS: dict[str, Any] = {
+    "api_version": 1,
+    "pid": 4242,
+    "version": "0.1.0",
+    "state": "running",
+    "started_at": "2026-11-27T10:00:00.000000Z",
+    "uptime_s": 192.5,
+    "mode": "threading",
+    "handler": "sockd.handlers:EchoHandler",
+    "listen": ["127.0.0.1:9000"],
+    "config_path": "/etc/sockd/sockd.toml",
+    "generation": 1,
+    "log_level": "info",
+    "connections": {"active": 3, "total": 120, "refused": 0},
+    "last_reload": None,
+}
+CONNECTIONS: dict[str, Any] = {
+    "connections": [
+        {
+            "id": 17,
+            "peer": "127.0.0.1:51234",
+            "listen": "127.0.0.1:9000",
+            "started_at": "2026-11-27T10:00:00.000000Z",
+            "age_s": 3.2,
+            "bytes_in": 120,
+            "bytes_out": 2048,
+            "pid": None,
+        }
+    ]
+}
+CONFIG: dict[str, Any] = {
+    "path": "/etc/sockd/sockd.toml",
+    "generation": 1,
+    "config": {
+        "server": {"listen": ["127.0.0.1:9000"], "mode": "threading", "handler_options": {}},
+        "logging": {"level": "info", "ring_size": 1000},
+        "control": {"socket": "/run/sockd/control.sock", "mode": "0660", "group": None},
+    },
+}
+METRICS = """\
+# HELP sockd_connections_open Connections being served.
+# TYPE sockd_connections_open gauge
+sockd_connections_open 3
+sockd_connections_total 120
+sockd_bytes_received_total 1229
+sockd_reloads_total{result="applied"} 2
+sockd_reloads_total{result="rejected"} 1
+sockd_uptime_seconds 192.5
+sockd_info{version="0.1.0",mode="threading"} 1
+"""
+EVENTS = [
+    {
+        "timestamp": "2026-11-27T10:00:01.250000Z",
+        "level": "info",
+        "event": "conn.open",
+        "peer": "127.0.0.1:51234",
+        "id": 17,
+    },
+    {
+        "timestamp": "2026-11-27T10:00:02.500000Z",
+        "level": "warning",
+        "event": "conn.close",
+        "id": 17,
+        "reason": "idle timeout",
+    },
+]
+
+
+@dataclass
+class Canned:
+    """One canned answer: status, body (object → JSON, str/bytes → as is), version header."""
+
+    status: int = 200
+    body: Any = None
+    version: str | None = "1"
+    content_type: str = "application/json"
+
+
+@dataclass
+class Seen:
+    """A request as the fake daemon received it."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Route = Canned | Callable[["Handler"], None]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Answers from ``server.routes``; HTTP/1.1 so chunked streaming works."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 5  # a stuck test must not hang the server's close
+    server: FakeServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Stay quiet (and avoid the stdlib's client_address[0] on a Unix socket)."""
+
+    def _dispatch(self) -> None:
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.seen.append(
+            Seen(self.command, parts.path, parse_qs(parts.query), dict(self.headers), body)
+        )
+        route = self.server.routes.get((self.command, parts.path))
+        if route is None:
+            route = Canned(404, {"error": {"code": "not_found", "message": "unknown path"}})
+        if isinstance(route, Canned):
+            self.answer(route)
+        else:
+            route(self)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _dispatch  # noqa: N815 - stdlib's names
+
+    def answer(self, canned: Canned) -> None:
+        if isinstance(canned.body, bytes):
+            data = canned.body
+        elif isinstance(canned.body, str):
+            data = canned.body.encode()
+        else:
+            data = json.dumps(canned.body).encode()
+        self.send_response(canned.status)
+        if canned.version is not None:
+            self.send_header(API_VERSION_HEADER, canned.version)
+        self.send_header("Content-Type", canned.content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_stream(self) -> None:
+        self.send_response(200)
+        self.send_header(API_VERSION_HEADER, "1")
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def wait_for_disconnect(self) -> bool:
+        """Block until the client closes its end; True if it did."""
+        try:
+            return self.rfile.read(1) == b""
+        except OSError:
+            return True
+
+
+class FakeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """A threading Unix-socket HTTP server; ``server_close`` joins its handler threads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: list[Seen] = []
+        self.routes: dict[tuple[str, str], Route] = {}
+        super().__init__(path, Handler)
+
+    def set(self, method: str, path: str, route: Route) -> None:
+        self.routes[(method, path)] = route
+
+
+@pytest.fixture
+def sockdir() -> Iterator[str]:
+    """A short directory for Unix sockets (pytest's tmp_path can exceed AF_UNIX's limit)."""
+    path = tempfile.mkdtemp(dir="/tmp", prefix="sc")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(sockdir: str) -> Iterator[FakeServer]:
+    """The fake daemon serving the spec's example answers until the test ends."""
+    server = FakeServer(os.path.join(sockdir, "c.sock"))
+    server.set("GET", "/v1/status", Canned(body=STATUS))
+    server.set("GET", "/v1/connections", Canned(body=CONNECTIONS))
+    server.set("GET", "/v1/config", Canned(body=CONFIG))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()  # joins the handler threads
+        assert not thread.is_alive()
+
+
+def run(*args: str, env: dict[str, str | None] | None = None, color: bool = False) -> Result:
+    """Invoke sockctl in-process, with $SOCKD_CONTROL_SOCKET cleared unless given."""
+    environment: dict[str, str | None] = {CONTROL_SOCKET_ENV: None, "NO_COLOR": None}
+    environment.update(env or {})
+    runner = CliRunner(catch_exceptions=False)
+    return runner.invoke(cli.main, list(args), env=environment, color=color)
+
+
+def ask(server: FakeServer, *args: str) -> Result:
+    return run("--socket", server.path, *args)
+
+
+def write_config(directory: str, socket_path: str, name: str = "sockd.toml") -> str:
+    path = os.path.join(directory, name)
+    with open(path, "w") as fh:
+        fh.write(
+            '[server]\nhandler = "socketserver:BaseRequestHandler"\n'
+            f'[control]\nsocket = "{socket_path}"\n'
+        )
+    return path
+
+
+# --- commands -------------------------------------------------------------------------
+
+
+def test_status_prints_the_view(daemon: FakeServer) -> None:
+    """`status` shows the headline with the state and aligned fields, exit 0."""
+    result = ask(daemon, "status")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("sockd 0.1.0 (pid 4242): running\n")
+    assert "  uptime:      3m 12s, since 2026-11-27" in result.stdout
+    assert "  connections: 3 active, 120 total, 0 refused" in result.stdout
+    assert [(s.method, s.path) for s in daemon.seen] == [("GET", "/v1/status")]
+
+
+def test_status_json_is_the_raw_answer(daemon: FakeServer) -> None:
+    """`--json status` prints exactly the daemon's object."""
+    result = ask(daemon, "--json", "status")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout) == STATUS
+
+
+def test_status_checks_the_api_version_in_the_body(daemon: FakeServer) -> None:
+    """A status body reporting another api_version exits 5 even with the right header."""
+    daemon.set("GET", "/v1/status", Canned(body={**STATUS, "api_version": 2}))
+    result = ask(daemon, "status")
+    assert result.exit_code == 5
+    assert "version 2" in result.stderr
+
+
+def test_status_missing_keys_is_a_protocol_error(daemon: FakeServer) -> None:
+    """An answer lacking documented keys fails with one line naming them, exit 1."""
+    daemon.set("GET", "/v1/status", Canned(body={"api_version": 1, "state": "running"}))
+    result = ask(daemon, "status")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("sockctl: status: the answer lacks ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_connections_table(daemon: FakeServer) -> None:
+    """`connections` prints an aligned table with humanised bytes and ages."""
+    result = ask(daemon, "connections")
+    assert result.exit_code == 0
+    header, row, footer = result.stdout.splitlines()
+    assert header.split() == ["ID", "PEER", "LISTEN", "AGE", "IN", "OUT", "PID"]
+    assert row.split() == [
+        *("17", "127.0.0.1:51234", "127.0.0.1:9000", "3.2s"),
+        *("120", "B", "2.0", "KiB", "-"),
+    ]
+    assert footer == "1 connection"
+
+
+def test_connections_empty(daemon: FakeServer) -> None:
+    """No connections reads as a sentence, not an empty table."""
+    daemon.set("GET", "/v1/connections", Canned(body={"connections": []}))
+    assert ask(daemon, "connections").stdout == "no open connections\n"
+
+
+def test_connections_json(daemon: FakeServer) -> None:
+    """`--json connections` prints the daemon's object."""
+    assert json.loads(ask(daemon, "--json", "connections").stdout) == CONNECTIONS
+
+
+def test_kick_closes_by_id(daemon: FakeServer) -> None:
+    """`kick 17` sends DELETE /v1/connections/17 and confirms."""
+    daemon.set("DELETE", "/v1/connections/17", Canned(body={"closed": 17}))
+    result = ask(daemon, "kick", "17")
+    assert result.exit_code == 0
+    assert result.stdout == "closed connection 17\n"
+    assert daemon.seen[-1].method == "DELETE"
+
+
+def test_kick_unknown_id_is_a_daemon_failure(daemon: FakeServer) -> None:
+    """A 404 not_found answer prints the daemon's message and exits 1."""
+    error = {"error": {"code": "not_found", "message": "no connection 99"}}
+    daemon.set("DELETE", "/v1/connections/99", Canned(404, error))
+    result = ask(daemon, "kick", "99")
+    assert result.exit_code == 1
+    assert result.stderr == "sockctl: no connection 99\n"
+
+
+def test_kick_needs_a_number(daemon: FakeServer) -> None:
+    """`kick abc` is a usage error (exit 2) and sends nothing."""
+    assert ask(daemon, "kick", "abc").exit_code == 2
+    assert daemon.seen == []
+
+
+def test_config_prints_valid_toml(daemon: FakeServer) -> None:
+    """`config` prints TOML that parses back to the effective values (unset keys omitted)."""
+    result = ask(daemon, "config")
+    assert result.exit_code == 0
+    parsed = tomllib.loads(result.stdout)
+    expected = json.loads(json.dumps(CONFIG["config"]))
+    del expected["control"]["group"]
+    assert parsed == expected
+    assert "# group is not set" in result.stdout
+
+
+def test_reload_applied_lists_changes(daemon: FakeServer) -> None:
+    """An applied reload prints the generation and each `key: old -> new`."""
+    answer = {
+        "result": "applied",
+        "generation": 2,
+        "changes": [{"key": "logging.level", "old": "info", "new": "debug"}],
+    }
+    daemon.set("POST", "/v1/reload", Canned(body=answer))
+    result = ask(daemon, "reload")
+    assert result.exit_code == 0
+    assert result.stdout == (
+        'reload applied: generation 2, 1 change\n  logging.level: "info" -> "debug"\n'
+    )
+
+
+def test_reload_rejected_prints_every_error_and_exits_78(daemon: FakeServer) -> None:
+    """A 422 invalid_config answer lists every problem on stderr and exits 78."""
+    errors = ['server.mode: expected "threading" or "forking"', "server.bogus: unknown key"]
+    body = {
+        "error": {
+            "code": "invalid_config",
+            "message": "2 problems in /etc/sockd/sockd.toml",
+            "details": {"errors": errors},
+        }
+    }
+    daemon.set("POST", "/v1/reload", Canned(422, body))
+    result = ask(daemon, "reload")
+    assert result.exit_code == 78
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("sockctl: reload rejected, sockd keeps its current configuration")
+    assert lines[1:] == [f"sockctl:   {e}" for e in errors]
+    assert result.stdout == ""
+
+
+def test_reload_rejected_json_prints_the_error_object(daemon: FakeServer) -> None:
+    """With --json a rejected reload also prints the daemon's error object on stdout."""
+    body = {"error": {"code": "invalid_config", "message": "bad", "details": {"errors": ["x"]}}}
+    daemon.set("POST", "/v1/reload", Canned(422, body))
+    result = ask(daemon, "--json", "reload")
+    assert result.exit_code == 78
+    assert json.loads(result.stdout) == body
+
+
+def test_reload_conflict_exits_1(daemon: FakeServer) -> None:
+    """A 409 conflict answer exits 1 with the daemon's message."""
+    body = {"error": {"code": "conflict", "message": "a reload is already running"}}
+    daemon.set("POST", "/v1/reload", Canned(409, body))
+    result = ask(daemon, "reload")
+    assert result.exit_code == 1
+    assert result.stderr == "sockctl: a reload is already running\n"
+
+
+def test_stop_sends_the_timeout(daemon: FakeServer) -> None:
+    """`stop --timeout 5` posts {"timeout": 5.0} and reports the drain."""
+    daemon.set("POST", "/v1/stop", Canned(202, {"state": "draining", "timeout": 5.0, "active": 3}))
+    result = ask(daemon, "stop", "--timeout", "5")
+    assert result.exit_code == 0
+    assert daemon.seen[-1].json() == {"timeout": 5.0}
+    assert (
+        result.stdout == "sockd is draining: waiting up to 5.0s for 3 open connections to finish\n"
+    )
+
+
+def test_stop_without_timeout_sends_no_body(daemon: FakeServer) -> None:
+    """Plain `stop` leaves the timeout to the daemon's shutdown_timeout."""
+    daemon.set("POST", "/v1/stop", Canned(202, {"state": "draining", "timeout": 30.0, "active": 0}))
+    assert ask(daemon, "--json", "stop").exit_code == 0
+    assert daemon.seen[-1].body == b""
+
+
+def test_stop_wait_returns_once_the_socket_is_gone(daemon: FakeServer) -> None:
+    """`stop --wait` waits until the control socket stops answering, then says so."""
+
+    def stop_then_vanish(handler: Handler) -> None:
+        handler.answer(Canned(202, {"state": "draining", "timeout": 5.0, "active": 0}))
+        handler.wfile.flush()
+        os.unlink(daemon.path)
+
+    daemon.set("POST", "/v1/stop", stop_then_vanish)
+    result = ask(daemon, "stop", "--wait")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.endswith("sockd stopped\n")
+
+
+def test_stop_wait_gives_up_after_the_deadline(
+    daemon: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stop --wait` exits 1 when the daemon is still there past timeout + grace."""
+    monkeypatch.setattr(cli, "WAIT_GRACE_S", 0.1)
+    daemon.set("POST", "/v1/stop", Canned(202, {"state": "draining", "timeout": 0.0, "active": 1}))
+    result = ask(daemon, "stop", "--wait")
+    assert result.exit_code == 1
+    assert "still running" in result.stderr
+
+
+def test_wait_until_stopped_follows_the_pid(sockdir: str) -> None:
+    """With a pid, the wait ends when that process exits, whatever the socket does."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        assert child.stdin is not None
+        missing = os.path.join(sockdir, "none.sock")
+        assert wait_until_stopped(missing, child.pid, 0.05) is False
+        child.stdin.close()  # the child reads EOF and exits
+        assert wait_until_stopped(missing, child.pid, 10) is True
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_pause_and_resume(daemon: FakeServer) -> None:
+    """`pause` and `resume` post to their endpoints and name the new state."""
+    daemon.set("POST", "/v1/pause", Canned(body={"state": "paused"}))
+    daemon.set("POST", "/v1/resume", Canned(body={"state": "running"}))
+    assert ask(daemon, "pause").stdout.startswith("sockd is paused")
+    assert ask(daemon, "resume").stdout.startswith("sockd is running")
+    assert [s.path for s in daemon.seen] == ["/v1/pause", "/v1/resume"]
+
+
+def test_pause_while_draining_exits_1(daemon: FakeServer) -> None:
+    """A 409 conflict on pause exits 1."""
+    body = {"error": {"code": "conflict", "message": "sockd is draining"}}
+    daemon.set("POST", "/v1/pause", Canned(409, body))
+    assert ask(daemon, "pause").exit_code == 1
+
+
+def test_log_level_puts_the_level(daemon: FakeServer) -> None:
+    """`log-level DEBUG` sends PUT {"level": "debug"} and shows before and after."""
+    daemon.set("PUT", "/v1/log-level", Canned(body={"level": "debug", "previous": "info"}))
+    result = ask(daemon, "log-level", "DEBUG")
+    assert result.exit_code == 0
+    assert daemon.seen[-1].json() == {"level": "debug"}
+    assert result.stdout.startswith("log level: info -> debug")
+
+
+def test_log_level_rejects_unknown_levels(daemon: FakeServer) -> None:
+    """An unknown level is a usage error (exit 2) and sends nothing."""
+    assert ask(daemon, "log-level", "loud").exit_code == 2
+    assert daemon.seen == []
+
+
+def test_reopen_logs(daemon: FakeServer) -> None:
+    """`reopen-logs` posts and names the reopened file."""
+    answer = {"reopened": True, "output": "/var/log/sockd/sockd.log"}
+    daemon.set("POST", "/v1/reopen-logs", Canned(body=answer))
+    result = ask(daemon, "reopen-logs")
+    assert result.stdout == "reopened the log output: /var/log/sockd/sockd.log\n"
+    assert json.loads(ask(daemon, "--json", "reopen-logs").stdout) == answer
+
+
+def test_stats_reads_the_prometheus_text(daemon: FakeServer) -> None:
+    """`stats` shows GET /metrics humanised: bytes, durations, labelled breakdowns."""
+    daemon.set("GET", "/metrics", Canned(body=METRICS, content_type="text/plain; version=0.0.4"))
+    result = ask(daemon, "stats")
+    assert result.exit_code == 0
+    rows = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert rows["sockd"].strip() == "version=0.1.0, mode=threading"
+    assert rows["connections open"].strip() == "3"
+    assert rows["bytes received"].strip() == "1.2 KiB"
+    assert rows["reloads"].strip() == "3 (applied: 2, rejected: 1)"
+    assert rows["uptime"].strip() == "3m 12s"
+    starts = {
+        len(line) - len(line.split(":", 1)[1].lstrip()) for line in result.stdout.splitlines()
+    }
+    assert len(starts) == 1  # every value starts in the same column
+
+
+def test_stats_json_lists_samples(daemon: FakeServer) -> None:
+    """`--json stats` prints one object per sample: name, labels, value."""
+    daemon.set("GET", "/metrics", Canned(body=METRICS, content_type="text/plain"))
+    samples = json.loads(ask(daemon, "--json", "stats").stdout)
+    assert {"name": "sockd_connections_open", "labels": {}, "value": 3} in samples
+    assert {"name": "sockd_reloads_total", "labels": {"result": "rejected"}, "value": 1} in samples
+
+
+def _stream(events: list[dict[str, Any]]) -> Callable[[Handler], None]:
+    """A /v1/logs route: the events as chunked NDJSON, then the end of the stream."""
+
+    def route(handler: Handler) -> None:
+        handler.start_stream()
+        for event in events:
+            handler.chunk(json.dumps(event).encode() + b"\n")
+        handler.chunk(b"")
+
+    return route
+
+
+def test_logs_prints_readable_lines(daemon: FakeServer) -> None:
+    """`logs` asks for n=100 at debug and prints `time LEVEL event key=value` lines."""
+    daemon.set("GET", "/v1/logs", _stream(EVENTS))
+    result = ask(daemon, "logs")
+    assert result.exit_code == 0
+    first, second = result.stdout.splitlines()
+    assert first.endswith(" INFO     conn.open peer=127.0.0.1:51234 id=17")
+    assert second.endswith(' WARNING  conn.close id=17 reason="idle timeout"')
+    assert daemon.seen[-1].query == {"n": ["100"], "level": ["debug"]}
+    assert "\x1b[" not in result.stdout
+
+
+def test_logs_colours_when_asked(daemon: FakeServer) -> None:
+    """On a colour terminal the level is styled; --no-color turns that off."""
+    daemon.set("GET", "/v1/logs", _stream(EVENTS))
+    assert "\x1b[" in run("--socket", daemon.path, "logs", color=True).stdout
+    assert "\x1b[" not in run("--socket", daemon.path, "--no-color", "logs", color=True).stdout
+
+
+def test_logs_json_is_ndjson(daemon: FakeServer) -> None:
+    """`logs --json` prints each event as one JSON line, and passes -n and --level on."""
+    daemon.set("GET", "/v1/logs", _stream(EVENTS))
+    result = ask(daemon, "logs", "--json", "-n", "2", "--level", "warning")
+    assert [json.loads(line) for line in result.stdout.splitlines()] == EVENTS
+    assert daemon.seen[-1].query == {"n": ["2"], "level": ["warning"]}
+
+
+def test_logs_follow_prints_streamed_events(daemon: FakeServer) -> None:
+    """`logs -f` sends follow=1 and prints both streamed events, exit 0 at the stream's end."""
+    daemon.set("GET", "/v1/logs", _stream(EVENTS))
+    result = ask(daemon, "logs", "-f")
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 2
+    assert daemon.seen[-1].query["follow"] == ["1"]
+
+
+def test_client_yields_each_event_as_it_arrives(daemon: FakeServer) -> None:
+    """The client yields an event while the stream is still open, before the next exists."""
+    go_on = threading.Event()
+    gone = threading.Event()
+
+    def route(handler: Handler) -> None:
+        handler.start_stream()
+        handler.chunk(json.dumps(EVENTS[0]).encode() + b"\n")
+        go_on.wait(10)
+        # An event split across chunks must still come out whole.
+        line = json.dumps(EVENTS[1]).encode() + b"\n"
+        handler.chunk(line[:10])
+        handler.chunk(line[10:])
+        if handler.wait_for_disconnect():
+            gone.set()
+
+    daemon.set("GET", "/v1/logs", route)
+    events = ControlClient(daemon.path, timeout=5).logs(follow=True)
+    assert next(events) == EVENTS[0]
+    go_on.set()
+    assert next(events) == EVENTS[1]
+    events.close()
+    assert gone.wait(5), "closing the generator must close the connection"
+
+
+def test_logs_follow_ctrl_c_exits_0(daemon: FakeServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during `logs -f` ends quietly with exit 0 and closes the stream."""
+    gone = threading.Event()
+
+    def route(handler: Handler) -> None:
+        handler.start_stream()
+        for event in EVENTS:
+            handler.chunk(json.dumps(event).encode() + b"\n")
+        if handler.wait_for_disconnect():
+            gone.set()
+
+    daemon.set("GET", "/v1/logs", route)
+    real_logs = ControlClient.logs
+
+    def interrupted(self: ControlClient, **kwargs: Any) -> Iterator[dict[str, Any]]:
+        """The real stream, then the operator's Ctrl-C after the second event."""
+        with contextlib.closing(real_logs(self, **kwargs)) as events:
+            yield next(events)
+            yield next(events)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ControlClient, "logs", interrupted)
+    result = ask(daemon, "logs", "-f")
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 2
+    assert result.stderr == ""
+    assert gone.wait(5)
+
+
+# --- errors ---------------------------------------------------------------------------
+
+
+def test_no_socket_file_exits_3_naming_the_path(sockdir: str) -> None:
+    """A missing socket file exits 3 with one line naming the path tried."""
+    path = os.path.join(sockdir, "missing.sock")
+    result = run("--socket", path, "status")
+    assert result.exit_code == 3
+    assert result.stderr == f"sockctl: sockd is not running: no control socket ({path})\n"
+
+
+def test_socket_nobody_listens_on_exits_3(sockdir: str) -> None:
+    """A socket file nobody listens on (ECONNREFUSED) exits 3 naming the path."""
+    path = os.path.join(sockdir, "dead.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(path)  # bound, never listening: connect() is refused
+        result = run("--socket", path, "status")
+    assert result.exit_code == 3
+    assert path in result.stderr
+    assert "nothing is listening" in result.stderr
+
+
+def test_forbidden_exits_4(daemon: FakeServer) -> None:
+    """A 403 forbidden answer exits 4."""
+    body = {"error": {"code": "forbidden", "message": "uid 1000 may only read"}}
+    daemon.set("POST", "/v1/reload", Canned(403, body))
+    result = ask(daemon, "reload")
+    assert result.exit_code == 4
+    assert result.stderr == "sockctl: permission denied by sockd: uid 1000 may only read\n"
+
+
+def test_eacces_on_connect_exits_4(sockdir: str, daemon: FakeServer) -> None:
+    """A socket the caller may not open (EACCES) exits 4, checked as an unprivileged user."""
+    if os.geteuid() != 0:
+        os.chmod(daemon.path, 0)
+        result = ask(daemon, "status")
+        assert result.exit_code == 4, result.stderr
+        return
+    # root passes every permission check: drop to nobody in a child process
+    os.chmod(sockdir, 0o711)  # noqa: S103 - nobody must reach the socket, not open it
+    os.chmod(daemon.path, 0o600)
+    code = "import sys; from sockctl.cli import main; main(sys.argv[1:])"
+    child = subprocess.run(
+        [sys.executable, "-c", code, "--socket", daemon.path, "status"],
+        user=65534,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd="/",
+    )
+    assert child.returncode == 4, child.stderr
+    assert child.stderr.startswith(f"sockctl: permission denied connecting to {daemon.path}")
+
+
+def test_connect_errors_map_to_their_exit_codes() -> None:
+    """EACCES maps to PermissionDenied, ENOENT and ECONNREFUSED to NotRunning."""
+    assert isinstance(_connect_error("/x", PermissionError(13, "denied")), PermissionDenied)
+    assert isinstance(_connect_error("/x", FileNotFoundError(2, "no")), NotRunning)
+    assert isinstance(_connect_error("/x", ConnectionRefusedError(111, "no")), NotRunning)
+    assert _connect_error("/x", OSError(36, "File name too long")).exit_code == 3
+
+
+@pytest.mark.parametrize("version", [None, "2", "one"])
+def test_missing_or_other_api_version_exits_5(daemon: FakeServer, version: str | None) -> None:
+    """An answer without X-Sockd-Api-Version, or with another value, exits 5."""
+    daemon.set("GET", "/v1/status", Canned(body=STATUS, version=version))
+    result = ask(daemon, "status")
+    assert result.exit_code == 5
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_version_is_checked_before_the_error(daemon: FakeServer) -> None:
+    """Even an error answer is refused when its API version differs (exit 5, not 1)."""
+    body = {"error": {"code": "conflict", "message": "x"}}
+    daemon.set("POST", "/v1/pause", Canned(409, body, version="2"))
+    assert ask(daemon, "pause").exit_code == 5
+
+
+def test_garbage_answer_exits_1(daemon: FakeServer) -> None:
+    """Bytes that are not HTTP at all exit 1 with one line."""
+
+    def garbage(handler: Handler) -> None:
+        handler.wfile.write(b"hello, I am not HTTP\r\n\r\n")
+        handler.close_connection = True
+
+    daemon.set("GET", "/v1/status", garbage)
+    result = ask(daemon, "status")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("sockctl: no valid answer from")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_non_json_body_exits_1(daemon: FakeServer) -> None:
+    """A well-formed HTTP answer whose body is not JSON exits 1."""
+    daemon.set("GET", "/v1/status", Canned(body="<html>oops</html>", content_type="text/html"))
+    result = ask(daemon, "status")
+    assert result.exit_code == 1
+    assert "not JSON" in result.stderr
+
+
+def test_error_without_error_object_exits_1(daemon: FakeServer) -> None:
+    """An error status without the API's error object is a protocol error, exit 1."""
+    daemon.set("GET", "/v1/status", Canned(500, {"oops": True}))
+    result = ask(daemon, "status")
+    assert result.exit_code == 1
+    assert "without the control API's error object" in result.stderr
+
+
+def test_no_answer_in_time_exits_1(daemon: FakeServer) -> None:
+    """A daemon that accepts but never answers fails after --timeout, exit 1."""
+    release = threading.Event()
+    daemon.set("GET", "/v1/status", lambda handler: release.wait(5) and None)
+    try:
+        result = ask(daemon, "--timeout", "0.2", "status")
+    finally:
+        release.set()
+    assert result.exit_code == 1
+    assert "did not answer within 0.2s" in result.stderr
+
+
+def test_unexpected_errors_are_one_line(
+    daemon: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in sockctl prints one `sockctl:` line and exits 1, never a traceback."""
+
+    def broken(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli.render, "status_view", broken)
+    result = ask(daemon, "status")
+    assert result.exit_code == 1
+    assert result.stderr == "sockctl: unexpected error: RuntimeError: boom (a bug in sockctl)\n"
+
+
+# --- where the socket is --------------------------------------------------------------
+
+
+def test_socket_option_beats_config_and_env(daemon: FakeServer, sockdir: str) -> None:
+    """--socket wins over --config and $SOCKD_CONTROL_SOCKET."""
+    config = write_config(sockdir, os.path.join(sockdir, "wrong1.sock"))
+    env = {CONTROL_SOCKET_ENV: os.path.join(sockdir, "wrong2.sock")}
+    result = run("--socket", daemon.path, "--config", config, "status", env=env)
+    assert result.exit_code == 0, result.stderr
+
+
+def test_config_option_beats_env(daemon: FakeServer, sockdir: str) -> None:
+    """--config's control.socket wins over $SOCKD_CONTROL_SOCKET."""
+    config = write_config(sockdir, daemon.path)
+    env = {CONTROL_SOCKET_ENV: os.path.join(sockdir, "wrong.sock")}
+    result = run("--config", config, "status", env=env)
+    assert result.exit_code == 0, result.stderr
+
+
+def test_env_beats_default(daemon: FakeServer) -> None:
+    """$SOCKD_CONTROL_SOCKET is used when neither --socket nor --config is given."""
+    assert run("status", env={CONTROL_SOCKET_ENV: daemon.path}).exit_code == 0
+
+
+def test_default_socket_path_is_tried_last() -> None:
+    """With nothing set, sockctl tries /run/sockd/control.sock and names it."""
+    if os.path.exists(DEFAULT_CONTROL_SOCKET):
+        pytest.skip(f"a real control socket exists at {DEFAULT_CONTROL_SOCKET}")
+    result = run("status")
+    assert result.exit_code == 3
+    assert DEFAULT_CONTROL_SOCKET in result.stderr
+
+
+def test_invalid_config_option_exits_78(sockdir: str) -> None:
+    """An invalid --config file exits 78 listing its problems."""
+    path = os.path.join(sockdir, "bad.toml")
+    with open(path, "w") as fh:
+        fh.write('[server]\nmode = "sideways"\n')
+    result = run("--config", path, "status")
+    assert result.exit_code == 78
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"sockctl: invalid config file {path}"
+    assert lines[1].startswith("sockctl:   server.mode: expected")
+
+
+# --- check ----------------------------------------------------------------------------
+
+
+def test_check_good_file(sockdir: str) -> None:
+    """`check FILE` on a valid file prints `FILE: OK` and exits 0."""
+    path = write_config(sockdir, "/run/sockd/control.sock")
+    result = run("check", path)
+    assert result.exit_code == 0
+    assert result.stdout == f"{path}: OK\n"
+
+
+def test_check_bad_file_lists_every_problem(sockdir: str) -> None:
+    """`check FILE` on an invalid file prints each problem and exits 78."""
+    path = os.path.join(sockdir, "bad.toml")
+    with open(path, "w") as fh:
+        fh.write('[server]\nmode = "sideways"\nbogus = 1\n')
+    result = run("check", path)
+    assert result.exit_code == 78
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2
+    assert all(line.startswith(f"{path}: server.") for line in lines)
+
+
+def test_check_json_and_config_default(sockdir: str) -> None:
+    """`--config FILE --json check` checks that file and prints path, ok and problems."""
+    path = os.path.join(sockdir, "missing.toml")
+    result = run("--config", path, "--json", "check")
+    assert result.exit_code == 78
+    answer = json.loads(result.stdout)
+    assert answer["path"] == path
+    assert answer["ok"] is False
+    assert answer["problems"][0].startswith("cannot read config file")
+
+
+def test_version_option() -> None:
+    """`--version` names sockctl, its version and the control API version."""
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("sockctl 0.1.0 (control API v1)")
+
+
+def test_client_raises_typed_errors_without_printing(sockdir: str, capsys: Any) -> None:
+    """The client raises SockctlError subclasses and prints nothing itself."""
+    with pytest.raises(NotRunning) as info:
+        ControlClient(os.path.join(sockdir, "x.sock")).status()
+    assert info.value.exit_code == 3
+    assert capsys.readouterr() == ("", "")
