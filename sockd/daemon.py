@@ -131,7 +131,6 @@ class Daemon:
         self.acceptor = Acceptor(self.hub)
         self.control: ControlServer | None = None
         self.notifier = systemd.Notifier()
-        self.hub.on_child_start = self._in_child
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -157,12 +156,6 @@ class Daemon:
             self._wake()
         if self.acceptor.throttled:
             self.acceptor.wake()  # a slot freed up under max_connections
-
-    def _in_child(self) -> None:
-        """A forked child must not hold the control channel's listening socket."""
-        server = getattr(self.control, "_server", None)
-        if server is not None:
-            server.socket.close()
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:

@@ -1,0 +1,1336 @@
+"""The control channel: a small HTTP/1.1 + JSON API on a Unix stream socket.
+
+This module owns the control socket file (creating it without a window of looser
+permissions, replacing a stale one, refusing to clobber a live daemon or a non-socket),
+the per-request access check (``SO_PEERCRED``), request parsing and validation, and the
+mapping of every endpoint onto a ``ControlBackend`` that the daemon implements. It knows
+nothing about how the daemon does any of it: a backend method that must run on the main
+thread blocks there, not here.
+
+Endpoints (the contract is ``docs/control-api.md``; ``sockctl`` depends on it):
+
+===========  ==========================  =============================================
+method       path                        answer
+===========  ==========================  =============================================
+GET          /v1/status                  200 ``backend.status()``
+GET          /v1/connections             200 ``{"connections": [...]}``
+DELETE       /v1/connections/{id}        200 ``{"closed": id}``; 404 unknown id
+GET          /v1/config                  200 ``backend.effective_config()``
+POST         /v1/reload                  200 ``{"result": "applied", ...}``; 422; 409
+POST         /v1/stop                    202 ``backend.stop(timeout)``; body optional
+POST         /v1/pause, /v1/resume       200 ``{"state": ...}``; 409 while draining
+PUT          /v1/log-level               200 ``{"level": ..., "previous": ...}``
+POST         /v1/reopen-logs             200 ``backend.reopen_logs()``
+GET          /v1/logs?n=&level=&follow=  200 ``application/x-ndjson``, chunked
+GET          /metrics                    200 Prometheus text format 0.0.4
+===========  ==========================  =============================================
+
+Request bodies are JSON objects; unknown fields are refused (400) so that a typo such
+as ``{"timout": 5}`` fails loudly instead of being ignored.
+
+Every error is ``{"error": {"code": CODE, "message": TEXT}}`` (``details`` for a
+rejected reload) with the status ``docs/control-api.md`` lists for the code; the codes
+are ``sockd.protocol.ErrorCode``. Validation raises ``_HTTPError``; backend exceptions
+become one in ``_Handler._call`` (``BackendConflict`` 409, ``BackendUnavailable`` 503,
+anything else 500 with the traceback logged as ``control.error``, never sent). Every
+response carries ``X-Sockd-Api-Version`` and ``Connection: close``: one request per
+connection keeps the accounting (deadline, concurrency cap) simple, and control
+traffic is tiny.
+
+Access (``SO_PEERCRED``): root, the daemon's own uid and members of ``control.group``
+may use everything; members of ``control.read_group`` only ``GET``; anyone else gets
+``403 forbidden`` and a ``control.denied`` event. Each request must arrive whole within
+``control.request_timeout`` seconds (one deadline for the head and body, not per read);
+at most ``MAX_CONNECTIONS`` are served at once and the excess get ``503`` at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import grp
+import http.server
+import io
+import json
+import math
+import os
+import pwd
+import re
+import select
+import socket
+import socketserver
+import stat
+import struct
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, cast
+from urllib.parse import parse_qsl, urlsplit
+
+from sockd import __version__
+from sockd.config import ControlConfig
+from sockd.errors import ControlError
+from sockd.protocol import (
+    API_PREFIX,
+    API_VERSION,
+    API_VERSION_HEADER,
+    LOG_LEVELS,
+    MAX_REQUEST_BODY,
+    ErrorCode,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+#: Concurrent control connections served at once. Each holds a thread for at most the
+#: request timeout while it sends its request, so a local flood cannot exhaust threads;
+#: the excess get an immediate 503 written from the accept loop.
+MAX_CONNECTIONS: Final = 64
+#: Request line plus headers; control requests are a few hundred bytes.
+HEAD_LIMIT: Final = 32 * 1024
+#: A client that stops reading our answer (or a log stream) is dropped after this.
+WRITE_TIMEOUT: Final = 30.0
+#: How long ``close()`` lets in-flight requests finish before cutting their sockets.
+CLOSE_GRACE: Final = 2.0
+#: Log streaming polls the subscription this often, so a vanished client or a closing
+#: server is noticed within this many seconds even when no event arrives.
+FOLLOW_POLL: Final = 1.0
+LOGS_MAX_N: Final = 100_000
+
+_REQUEST_LINE_LIMIT = 8 * 1024
+_LISTEN_BACKLOG = 128
+#: Bytes we discard while lingering after answering a request we did not read in full.
+_LINGER_BYTES = 256 * 1024
+_LINGER_SECONDS = 1.0
+#: Events per write when streaming logs.
+_BATCH = 500
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_JSON = "application/json"
+_NDJSON = "application/x-ndjson"
+_METRICS = "text/plain; version=0.0.4; charset=utf-8"
+_T = TypeVar("_T")
+
+_STATUS_OF: Final[dict[ErrorCode, int]] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.TIMEOUT: 408,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.INVALID_CONFIG: 422,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
+}
+
+
+# --------------------------------------------------------------------------- backend
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload did: applied (new generation, changes) or rejected (errors)."""
+
+    applied: bool
+    generation: int
+    changes: list[dict[str, Any]]
+    errors: list[str]
+
+
+class BackendConflict(Exception):  # noqa: N818 -- named for the HTTP status it maps to
+    """Not possible in the current state; answered ``409 conflict`` with this message."""
+
+
+class BackendUnavailable(Exception):  # noqa: N818 -- named for the HTTP status it maps to
+    """The daemon is stopping and cannot do this any more: ``503 unavailable``."""
+
+
+class LogSubscription(Protocol):
+    """A live feed of log events at or above a level, for ``GET /v1/logs?follow=1``."""
+
+    def get(self, timeout: float) -> dict[str, Any] | None: ...
+
+    def close(self) -> None: ...
+
+
+class ControlBackend(Protocol):
+    """What the control channel needs from the daemon; every method is thread-safe."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def connections(self) -> list[dict[str, Any]]: ...
+
+    def close_connection(self, conn_id: int) -> bool: ...
+
+    def effective_config(self) -> dict[str, Any]: ...
+
+    def reload(self) -> ReloadOutcome: ...
+
+    def stop(self, timeout: float | None) -> dict[str, Any]: ...
+
+    def pause(self) -> dict[str, Any]: ...
+
+    def resume(self) -> dict[str, Any]: ...
+
+    def set_log_level(self, level: str) -> dict[str, Any]: ...
+
+    def reopen_logs(self) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> str: ...
+
+    def log_history(self, n: int, min_level: str) -> list[dict[str, Any]]: ...
+
+    def log_subscribe(self, min_level: str) -> LogSubscription: ...
+
+
+# --------------------------------------------------------------------------- access
+
+
+Role = Literal["all", "read"]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """The process at the other end of a control connection, as the kernel saw it."""
+
+    pid: int
+    uid: int
+    gid: int
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> Peer:
+        pid, uid, gid = _UCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        )
+        return cls(pid, uid, gid)
+
+    def groups(self) -> frozenset[int]:
+        """Primary and supplementary gids.
+
+        ``/proc/<pid>/status`` gives the groups the process really has (``setgroups``,
+        ``newgrp``, systemd's ``SupplementaryGroups=``); the group database is the
+        fallback when the process is gone or its uid no longer matches (the pid may
+        have been reused since it connected).
+        """
+        gids = {self.gid}
+        from_proc = _proc_groups(self.pid, self.uid)
+        if from_proc is not None:
+            return frozenset(gids | from_proc)
+        try:
+            entry = pwd.getpwuid(self.uid)
+        except KeyError:
+            return frozenset(gids)
+        gids.add(entry.pw_gid)
+        with contextlib.suppress(OSError):
+            gids.update(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        return frozenset(gids)
+
+
+def _proc_groups(pid: int, uid: int) -> set[int] | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    fields: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.split()
+    uids = fields.get("Uid", [])
+    # SO_PEERCRED records the effective uid at connect(); a mismatch means another
+    # process now owns this pid, so its groups say nothing about our peer.
+    if len(uids) < 2 or uids[1] != str(uid):
+        return None
+    try:
+        return {int(g) for g in fields.get("Groups", [])}
+    except ValueError:
+        return None
+
+
+def _resolve_group(key: str, name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ControlError(f"{key}: no such group {name!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Who may do what on the control channel (see the table in docs/control-api.md)."""
+
+    own_uid: int
+    group_gid: int | None
+    read_gid: int | None
+
+    @classmethod
+    def from_settings(cls, settings: ControlConfig) -> Policy:
+        """Resolve group names now, so a typo fails at start/reload, not at first use."""
+        return cls(
+            own_uid=os.geteuid(),
+            group_gid=_resolve_group("control.group", settings.group),
+            read_gid=_resolve_group("control.read_group", settings.read_group),
+        )
+
+    def role(self, peer: Peer) -> Role | None:
+        if peer.uid in (0, self.own_uid):
+            return "all"
+        if self.group_gid is None and self.read_gid is None:
+            return None
+        gids = peer.groups()
+        if self.group_gid is not None and self.group_gid in gids:
+            return "all"
+        if self.read_gid is not None and self.read_gid in gids:
+            return "read"
+        return None
+
+
+# --------------------------------------------------------------------------- wire helpers
+
+
+class _HTTPError(Exception):
+    """An answer other than success, raised anywhere below the dispatcher."""
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        details: dict[str, Any] | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = _STATUS_OF[code]
+        self.message = message
+        self.details = details
+        self.headers = list(headers)
+
+
+class _HeadTooLargeError(Exception):
+    """The request line and headers exceed ``HEAD_LIMIT``."""
+
+
+class _RequestTimeoutError(Exception):
+    """The request was not in by its deadline (not an ``OSError``: see ``handle``)."""
+
+
+def _json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, separators=(",", ":"), default=str) + "\n").encode()
+
+
+def _error_body(code: ErrorCode, message: str, details: dict[str, Any] | None = None) -> bytes:
+    error: dict[str, Any] = {"code": str(code), "message": message}
+    if details is not None:
+        error["details"] = details
+    return _json_bytes({"error": error})
+
+
+def _head(status: int, headers: Iterable[tuple[str, str]]) -> bytes:
+    """Status line and headers of every answer, including the accept loop's 503."""
+    reason = http.server.BaseHTTPRequestHandler.responses.get(status, ("",))[0]
+    lines = [
+        f"HTTP/1.1 {status} {reason}",
+        f"Server: sockd/{__version__}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+        f"{API_VERSION_HEADER}: {API_VERSION}",
+        "Cache-Control: no-store",
+        "Connection: close",
+    ]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _full_response(
+    status: int, body: bytes, content_type: str, headers: Iterable[tuple[str, str]] = ()
+) -> bytes:
+    head = _head(
+        status,
+        [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers],
+    )
+    return head + body
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that share one deadline and one byte budget.
+
+    A per-``recv`` timeout lets a client that trickles a byte at a time hold a thread
+    forever; here every read gets only the time left until the request's deadline.
+    The budget caps what a request can make us buffer before it is validated.
+    """
+
+    def __init__(self, sock: socket.socket, deadline: float, budget: int) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline = deadline
+        self.budget = budget
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        if self.budget <= 0:
+            raise _HeadTooLargeError
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise _RequestTimeoutError
+        self._sock.settimeout(remaining)
+        with memoryview(buffer) as view:
+            try:
+                count = self._sock.recv_into(view, min(view.nbytes, self.budget))
+            except TimeoutError:
+                raise _RequestTimeoutError from None
+        self.budget -= count
+        return count
+
+
+class _SocketWriter(io.BufferedIOBase):
+    """``wfile`` for the base class: unbuffered, ``sendall`` without ``SIGPIPE``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        with memoryview(data) as view:
+            self._sock.sendall(view, socket.MSG_NOSIGNAL)
+            return view.nbytes
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    path: str
+    query: list[tuple[str, str]]
+    body: dict[str, Any]
+    param: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: bytes
+    content_type: str = _JSON
+
+
+@dataclass(frozen=True, slots=True)
+class _LogStream:
+    n: int
+    level: str
+    follow: bool
+
+
+_Answer = _Response | _LogStream
+_Endpoint = Callable[[ControlBackend, _Request], _Answer]
+
+
+def _ok(value: Any, status: int = 200) -> _Response:
+    return _Response(status, _json_bytes(value))
+
+
+def _fields(request: _Request, allowed: dict[str, bool]) -> dict[str, Any]:
+    """The JSON body's fields; ``allowed`` maps each known field to whether it is required."""
+    unknown = sorted(set(request.body) - set(allowed))
+    if unknown:
+        raise _HTTPError(
+            ErrorCode.BAD_REQUEST,
+            f"unknown field {unknown[0]!r} in the request body"
+            + (f" (expected {', '.join(allowed)})" if allowed else " (expected no fields)"),
+        )
+    for name, required in allowed.items():
+        if required and name not in request.body:
+            raise _HTTPError(ErrorCode.BAD_REQUEST, f"the request body needs a {name!r} field")
+    return request.body
+
+
+def _status(backend: ControlBackend, request: _Request) -> _Answer:
+    return _ok(backend.status())
+
+
+def _connections(backend: ControlBackend, request: _Request) -> _Answer:
+    return _ok({"connections": backend.connections()})
+
+
+def _close_connection(backend: ControlBackend, request: _Request) -> _Answer:
+    text = request.param or ""
+    if not (text.isascii() and text.isdigit()):
+        raise _HTTPError(
+            ErrorCode.BAD_REQUEST, f"connection id must be a non-negative integer, got {text!r}"
+        )
+    conn_id = int(text)
+    if not backend.close_connection(conn_id):
+        raise _HTTPError(ErrorCode.NOT_FOUND, f"no open connection with id {conn_id}")
+    return _ok({"closed": conn_id})
+
+
+def _config(backend: ControlBackend, request: _Request) -> _Answer:
+    return _ok(backend.effective_config())
+
+
+def _reload(backend: ControlBackend, request: _Request) -> _Answer:
+    _fields(request, {})
+    outcome = backend.reload()
+    if not outcome.applied:
+        count = len(outcome.errors)
+        raise _HTTPError(
+            ErrorCode.INVALID_CONFIG,
+            f"reload rejected: the configuration has {count} problem"
+            f"{'' if count == 1 else 's'}; the daemon keeps running as before",
+            details={"errors": list(outcome.errors)},
+        )
+    return _ok({"result": "applied", "generation": outcome.generation, "changes": outcome.changes})
+
+
+def _stop(backend: ControlBackend, request: _Request) -> _Answer:
+    raw = _fields(request, {"timeout": False}).get("timeout")
+    timeout: float | None = None
+    if raw is not None:
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+            raise _HTTPError(
+                ErrorCode.BAD_REQUEST, f"'timeout' must be a number of seconds, got {raw!r}"
+            )
+        if raw < 0:
+            raise _HTTPError(ErrorCode.BAD_REQUEST, f"'timeout' must be >= 0, got {raw!r}")
+        timeout = float(raw)
+    return _ok(backend.stop(timeout), 202)
+
+
+def _pause(backend: ControlBackend, request: _Request) -> _Answer:
+    _fields(request, {})
+    return _ok(backend.pause())
+
+
+def _resume(backend: ControlBackend, request: _Request) -> _Answer:
+    _fields(request, {})
+    return _ok(backend.resume())
+
+
+def _log_level(backend: ControlBackend, request: _Request) -> _Answer:
+    level = _fields(request, {"level": True})["level"]
+    if not isinstance(level, str) or level not in LOG_LEVELS:
+        raise _HTTPError(
+            ErrorCode.BAD_REQUEST,
+            f"'level' must be one of {', '.join(LOG_LEVELS)}, got {level!r}",
+        )
+    return _ok(backend.set_log_level(level))
+
+
+def _reopen_logs(backend: ControlBackend, request: _Request) -> _Answer:
+    _fields(request, {})
+    return _ok(backend.reopen_logs())
+
+
+def _metrics(backend: ControlBackend, request: _Request) -> _Answer:
+    return _Response(200, backend.metrics_text().encode(), _METRICS)
+
+
+def _logs(backend: ControlBackend, request: _Request) -> _Answer:
+    seen: dict[str, str] = {}
+    for name, value in request.query:
+        if name not in ("n", "level", "follow"):
+            raise _HTTPError(
+                ErrorCode.BAD_REQUEST,
+                f"unknown query parameter {name!r} (expected n, level, follow)",
+            )
+        if name in seen:
+            raise _HTTPError(ErrorCode.BAD_REQUEST, f"query parameter {name!r} given twice")
+        seen[name] = value
+    n_text = seen.get("n", "100")
+    if not (n_text.isascii() and n_text.isdigit()) or int(n_text) > LOGS_MAX_N:
+        raise _HTTPError(
+            ErrorCode.BAD_REQUEST, f"n must be an integer from 0 to {LOGS_MAX_N}, got {n_text!r}"
+        )
+    level = seen.get("level", "debug")
+    if level not in LOG_LEVELS:
+        raise _HTTPError(
+            ErrorCode.BAD_REQUEST, f"level must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    follow = seen.get("follow", "0").lower()
+    if follow not in ("0", "1", "true", "false"):
+        raise _HTTPError(
+            ErrorCode.BAD_REQUEST, f"follow must be 0, 1, true or false, got {follow!r}"
+        )
+    return _LogStream(int(n_text), level, follow in ("1", "true"))
+
+
+_ROUTES: Final[dict[str, dict[str, _Endpoint]]] = {
+    f"{API_PREFIX}/status": {"GET": _status},
+    f"{API_PREFIX}/connections": {"GET": _connections},
+    f"{API_PREFIX}/connections/{{id}}": {"DELETE": _close_connection},
+    f"{API_PREFIX}/config": {"GET": _config},
+    f"{API_PREFIX}/reload": {"POST": _reload},
+    f"{API_PREFIX}/stop": {"POST": _stop},
+    f"{API_PREFIX}/pause": {"POST": _pause},
+    f"{API_PREFIX}/resume": {"POST": _resume},
+    f"{API_PREFIX}/log-level": {"PUT": _log_level},
+    f"{API_PREFIX}/reopen-logs": {"POST": _reopen_logs},
+    f"{API_PREFIX}/logs": {"GET": _logs},
+    "/metrics": {"GET": _metrics},
+}
+_CONNECTION_PREFIX = f"{API_PREFIX}/connections/"
+
+
+def _route(path: str) -> tuple[dict[str, _Endpoint], str | None] | None:
+    if path.startswith(_CONNECTION_PREFIX) and "/" not in path[len(_CONNECTION_PREFIX) :]:
+        return _ROUTES[f"{_CONNECTION_PREFIX}{{id}}"], path[len(_CONNECTION_PREFIX) :]
+    methods = _ROUTES.get(path)
+    return None if methods is None or "{" in path else (methods, None)
+
+
+# --------------------------------------------------------------------------- handler
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One connection, one request: parse, check access, validate, dispatch, answer.
+
+    The base class parses the request line and headers; answers are written by
+    ``_send`` so that every one, including errors the base class detects, has the same
+    JSON shape and headers. Socket errors mean the client went away; backend errors are
+    turned into statuses by ``_call``; anything else is our bug and becomes a 500.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"sockd/{__version__}"
+
+    def setup(self) -> None:
+        self.owner = cast(_ControlHTTPServer, self.server).owner
+        self.sock = cast(socket.socket, self.request)
+        self.connection = self.sock
+        self.settings = self.owner.settings
+        self.started = time.monotonic()
+        self.reader = _DeadlineReader(
+            self.sock, self.started + self.settings.request_timeout, HEAD_LIMIT
+        )
+        self.rfile = io.BufferedReader(self.reader)
+        self.wfile = _SocketWriter(self.sock)
+        self.target: str | None = None
+        self.response_status: int | None = None
+        self.request_consumed = False
+        self.peer = Peer.of(self.sock)
+
+    def handle(self) -> None:
+        self.close_connection = True
+        try:
+            self._handle_request()
+        except _RequestTimeoutError:
+            self._send_error_if_possible(
+                _HTTPError(
+                    ErrorCode.TIMEOUT,
+                    f"request not received within {self.settings.request_timeout:g} s",
+                )
+            )
+        except _HeadTooLargeError:
+            self._send_error_if_possible(
+                _HTTPError(
+                    ErrorCode.BAD_REQUEST, f"request line and headers exceed {HEAD_LIMIT} bytes"
+                )
+            )
+        except OSError:
+            pass  # the client went away or stopped reading: nobody to answer
+        except Exception:
+            self.owner._log.exception("control.error", **self._context())
+            self._send_error_if_possible(_internal())
+        finally:
+            self._log_request()
+
+    def finish(self) -> None:
+        if not self.request_consumed and self.response_status is not None:
+            self._linger()
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+
+    # -- base-class hooks -------------------------------------------------------
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Errors ``parse_request`` finds (request line, version, headers) are all 400."""
+        self._send_error(_HTTPError(ErrorCode.BAD_REQUEST, message or "malformed request"))
+
+    def handle_expect_100(self) -> bool:
+        """Defer ``100 Continue`` until access, route and size are known to be fine."""
+        return True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """The base class writes to stderr; our events go through ``control.request``."""
+
+    # -- the request ------------------------------------------------------------
+
+    def _handle_request(self) -> None:
+        line = self.rfile.readline(_REQUEST_LINE_LIMIT + 1)
+        if not line:
+            self.request_consumed = True
+            return  # connected and left without a word (a liveness probe)
+        try:
+            if len(line) > _REQUEST_LINE_LIMIT:
+                raise _HTTPError(
+                    ErrorCode.BAD_REQUEST,
+                    f"request line longer than {_REQUEST_LINE_LIMIT} bytes",
+                )
+            self.raw_requestline = line
+            if not self.parse_request():
+                if self.response_status is None:
+                    raise _HTTPError(ErrorCode.BAD_REQUEST, "empty request line")
+                return
+            target = urlsplit(self.path)
+            self.target = target.path
+            self._check_head()
+            self._dispatch(self.command, target.path, target.query)
+        except _HTTPError as error:
+            self._send_error(error)
+
+    def _check_head(self) -> None:
+        if self.request_version == "HTTP/0.9":
+            raise _HTTPError(ErrorCode.BAD_REQUEST, "HTTP/0.9 requests are not supported")
+        headers = self.headers
+        if headers.defects or headers.get_payload():
+            raise _HTTPError(ErrorCode.BAD_REQUEST, "malformed header line")
+        for name, value in headers.items():
+            if not _TOKEN.fullmatch(name):
+                raise _HTTPError(ErrorCode.BAD_REQUEST, f"invalid header name {name!r}")
+            if "\r" in value or "\n" in value or "\0" in value:
+                raise _HTTPError(
+                    ErrorCode.BAD_REQUEST,
+                    f"header {name!r} is folded or contains control characters",
+                )
+
+    def _authorize(self, method: str) -> None:
+        role = self.owner._policy.role(self.peer)
+        if role == "all" or (role == "read" and method == "GET"):
+            return
+        self.owner._log.warning("control.denied", **self._context())
+        if role == "read":
+            raise _HTTPError(
+                ErrorCode.FORBIDDEN,
+                f"uid {self.peer.uid} may only use the read endpoints (GET) of the control channel",
+            )
+        raise _HTTPError(
+            ErrorCode.FORBIDDEN, f"uid {self.peer.uid} may not use the control channel"
+        )
+
+    def _content_length(self) -> int:
+        if "Transfer-Encoding" in self.headers:
+            raise _HTTPError(
+                ErrorCode.BAD_REQUEST,
+                "send request bodies with Content-Length, not Transfer-Encoding",
+            )
+        values = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if not values:
+            return 0
+        text = values.pop()
+        if values or not (text.isascii() and text.isdigit()):
+            raise _HTTPError(ErrorCode.BAD_REQUEST, "invalid Content-Length header")
+        length = int(text)
+        if length > MAX_REQUEST_BODY:
+            raise _HTTPError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"request body of {length} bytes exceeds the limit of {MAX_REQUEST_BODY}",
+            )
+        return length
+
+    def _read_body(self, length: int) -> dict[str, Any]:
+        if length and self.headers.get("Expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.reader.budget += length
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) != length:
+            raise _HTTPError(
+                ErrorCode.BAD_REQUEST, f"request body ended after {len(raw)} of {length} bytes"
+            )
+        self.request_consumed = True
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _HTTPError(
+                ErrorCode.BAD_REQUEST, f"request body is not valid JSON: {exc}"
+            ) from None
+        if not isinstance(body, dict):
+            raise _HTTPError(ErrorCode.BAD_REQUEST, "request body must be a JSON object")
+        return body
+
+    def _dispatch(self, method: str, path: str, query: str) -> None:
+        self._authorize(method)
+        found = _route(path)
+        if found is None:
+            raise _HTTPError(ErrorCode.NOT_FOUND, f"no such endpoint: {path}")
+        methods, param = found
+        endpoint = methods.get(method)
+        if endpoint is None:
+            allow = ", ".join(sorted(methods))
+            raise _HTTPError(
+                ErrorCode.METHOD_NOT_ALLOWED,
+                f"{path} accepts {allow}, not {method}",
+                headers=[("Allow", allow)],
+            )
+        body = self._read_body(self._content_length())
+        # The request is in: from here on the clock that matters is the client reading.
+        self.sock.settimeout(WRITE_TIMEOUT)
+        request = _Request(method, path, parse_qsl(query, keep_blank_values=True), body, param)
+        backend = self.owner._backend
+        answer = self._call(lambda: endpoint(backend, request))
+        if isinstance(answer, _LogStream):
+            self._stream_logs(backend, answer)
+        else:
+            self._send(answer.status, answer.body, answer.content_type)
+
+    def _call(self, function: Callable[[], _T]) -> _T:
+        """Run backend code; the one place its exceptions become statuses."""
+        try:
+            return function()
+        except _HTTPError:
+            raise
+        except BackendConflict as exc:
+            raise _HTTPError(ErrorCode.CONFLICT, str(exc) or "not possible now") from None
+        except BackendUnavailable as exc:
+            raise _HTTPError(ErrorCode.UNAVAILABLE, str(exc) or "the daemon is stopping") from None
+        except Exception:
+            self.owner._log.exception("control.error", **self._context())
+            raise _internal() from None
+
+    # -- answers ----------------------------------------------------------------
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = _JSON,
+        headers: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        self.response_status = status
+        self.wfile.write(_full_response(status, body, content_type, headers))
+
+    def _send_error(self, error: _HTTPError) -> None:
+        if self.response_status is not None:
+            return  # a stream already started: cutting the connection is the only signal
+        self._send(
+            error.status,
+            _error_body(error.code, error.message, error.details),
+            headers=error.headers,
+        )
+
+    def _send_error_if_possible(self, error: _HTTPError) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(_LINGER_SECONDS)
+            self._send_error(error)
+
+    def _stream_logs(self, backend: ControlBackend, stream: _LogStream) -> None:
+        """History, then (with follow) live events, until the client or the server goes.
+
+        The subscription is taken before the history is read so that no event falls
+        between the two; one logged in that instant may appear twice, none is lost.
+        """
+        subscription = (
+            self._call(lambda: backend.log_subscribe(stream.level)) if stream.follow else None
+        )
+        try:
+            history = self._call(lambda: backend.log_history(stream.n, stream.level))
+            # HTTP/1.0 has no chunked encoding: the end of the stream is the close.
+            chunked = self.request_version != "HTTP/1.0"
+            headers = [("Content-Type", _NDJSON)]
+            if chunked:
+                headers.append(("Transfer-Encoding", "chunked"))
+            self.response_status = 200
+            self.wfile.write(_head(200, headers))
+
+            def emit(events: list[dict[str, Any]]) -> None:
+                data = b"".join(_json_bytes(event) for event in events)
+                if data and chunked:
+                    self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+                elif data:
+                    self.wfile.write(data)
+
+            for start in range(0, len(history), _BATCH):
+                emit(history[start : start + _BATCH])
+            if subscription is not None:
+                self._follow(subscription, emit)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        finally:
+            if subscription is not None:
+                self._call(subscription.close)
+
+    def _follow(
+        self, subscription: LogSubscription, emit: Callable[[list[dict[str, Any]]], None]
+    ) -> None:
+        # Registered for no events, poll() still reports POLLHUP/POLLERR, which on a Unix
+        # socket means the client closed both directions. A client that only half-closes
+        # (shutdown(SHUT_WR)) still reads, so EOF alone must not end its stream.
+        poller = select.poll()
+        poller.register(self.sock, 0)
+        while not self.owner._closing.is_set():
+            event = self._call(lambda: subscription.get(timeout=FOLLOW_POLL))
+            if event is not None:
+                batch = [event]
+                while len(batch) < _BATCH:
+                    more = self._call(lambda: subscription.get(timeout=0))
+                    if more is None:
+                        break
+                    batch.append(more)
+                emit(batch)
+            if poller.poll(0):
+                return
+
+    def _linger(self) -> None:
+        """Half-close, then briefly discard what the client is still sending.
+
+        Closing a Unix socket with unread input makes the client's reads fail with
+        ECONNRESET and its writes with EPIPE, so a client still sending a body we
+        refused (413, 403) might never see our answer.
+        """
+        deadline = time.monotonic() + min(_LINGER_SECONDS, self.reader.deadline - time.monotonic())
+        discarded = 0
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+            while discarded < _LINGER_BYTES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.sock.settimeout(remaining)
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                discarded += len(chunk)
+
+    # -- logging ----------------------------------------------------------------
+
+    @property
+    def method(self) -> str | None:
+        """The request's method once its request line parsed (the base class sets it)."""
+        return cast("str | None", getattr(self, "command", None))
+
+    def _context(self) -> dict[str, Any]:
+        return {
+            "uid": self.peer.uid,
+            "pid": self.peer.pid,
+            "method": self.method,
+            "path": self.target,
+        }
+
+    def _log_request(self) -> None:
+        if self.response_status is None and self.method is None:
+            return  # nothing was asked and nothing answered
+        log = self.owner._log.debug if self.method == "GET" else self.owner._log.info
+        log(
+            "control.request",
+            **self._context(),
+            status=self.response_status,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 3),
+        )
+
+
+def _internal() -> _HTTPError:
+    return _HTTPError(ErrorCode.INTERNAL, "internal error; the daemon's log has the details")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+# --------------------------------------------------------------------------- server
+
+
+class _ControlHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """The socketserver for one socket path; ``ControlServer`` owns one at a time.
+
+    Hooks used: ``server_bind`` (checks the path, binds in a private directory, sets
+    mode and group), ``server_activate`` (listens, then renames into place),
+    ``process_request`` (concurrency cap and thread tracking), ``handle_error`` (log,
+    never stderr) and ``server_close`` (unlinks the socket file only if still ours).
+    """
+
+    daemon_threads = True
+    # The base class would join every handler thread without a deadline on close;
+    # ControlServer.close() joins them itself, with one.
+    block_on_close = False
+    request_queue_size = _LISTEN_BACKLOG
+
+    def __init__(self, owner: ControlServer, settings: ControlConfig, gid: int | None) -> None:
+        self.owner = owner
+        self.path = settings.socket
+        self.mode = settings.mode
+        self.gid = gid
+        self.identity: tuple[int, int] | None = None
+        self._tmpdir: str | None = None
+        self._tmppath: str | None = None
+        super().__init__(settings.socket, _Handler)
+
+    def server_bind(self) -> None:
+        parent = os.path.dirname(os.path.abspath(self.path))
+        _ensure_directory(parent)
+        _refuse_if_taken(self.path)
+        # A private 0700 directory instead of a temporary umask: umask is per process,
+        # and other threads of the daemon may be creating files at the same moment.
+        self._tmpdir = tempfile.mkdtemp(prefix=".sd", dir=parent)
+        self._tmppath = os.path.join(self._tmpdir, "s")
+        if len(os.fsencode(self._tmppath)) > 107:
+            raise ControlError(
+                f"cannot create control socket {self.path}: its directory name is too long "
+                "for a temporary name (AF_UNIX paths are limited to 107 bytes)"
+            )
+        self.socket.bind(self._tmppath)
+        os.chmod(self._tmppath, self.mode)
+        if self.gid is not None:
+            os.chown(self._tmppath, -1, self.gid)
+        self.server_address = self.path
+
+    def server_activate(self) -> None:
+        # Listen before the rename: a client (or a second sockd probing for a live
+        # instance) must never find the final path bound but refusing connections.
+        if self._tmppath is None:
+            raise ControlError("internal: the control socket was activated before binding")
+        self.socket.listen(self.request_queue_size)
+        info = os.stat(self._tmppath)
+        os.rename(self._tmppath, self.path)
+        self.identity = (info.st_dev, info.st_ino)
+        self._tmppath = None
+        self._remove_tmpdir()
+        _LIVE_SERVERS.add(self)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        sock = cast(socket.socket, request)
+        if not self.owner._admit(sock):
+            _refuse_busy(sock)
+            self.shutdown_request(sock)
+            return
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(sock, client_address),
+            name="sockd-control-conn",
+            daemon=True,
+        )
+        self.owner._track(sock, thread)
+        try:
+            thread.start()
+        except RuntimeError:  # cannot start a new thread: answer like the cap does
+            self.owner._release(sock)
+            _refuse_busy(sock)
+            self.shutdown_request(sock)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.owner._release(cast(socket.socket, request))
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        self.owner._log.exception("control.error", path=self.path)
+
+    def server_close(self) -> None:
+        _LIVE_SERVERS.discard(self)
+        super().server_close()
+        if self._tmppath is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmppath)
+        self._remove_tmpdir()
+        if self.identity is not None:
+            _unlink_if_ours(self.path, self.identity)
+            self.identity = None
+
+    def _remove_tmpdir(self) -> None:
+        if self._tmpdir is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(self._tmpdir)
+            self._tmpdir = None
+
+    def _drop_in_child(self) -> None:
+        """Close our descriptors in a forked child, touching nothing on disk."""
+        self.identity = None
+        with contextlib.suppress(OSError):
+            self.socket.close()
+        # No lock: the child has a single thread, and a lock held at fork time by a
+        # thread that does not exist here would never be released.
+        for sock in list(self.owner._active):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+#: Listening servers, for the fork hook below.
+_LIVE_SERVERS: weakref.WeakSet[_ControlHTTPServer] = weakref.WeakSet()
+
+
+def _drop_in_child() -> None:
+    """A forked child (``forking`` mode) must not hold the control socket open.
+
+    If it did, connections would queue in a backlog nobody accepts once the daemon
+    dies, and the next sockd's liveness probe would take the socket for a live one.
+    """
+    for server in list(_LIVE_SERVERS):
+        server._drop_in_child()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
+
+def _ensure_directory(parent: str) -> None:
+    if os.path.isdir(parent):
+        return
+    try:
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        # makedirs' mode is filtered by the umask; 0755 lets group members reach the socket
+        os.chmod(parent, 0o755)  # noqa: S103 -- see above: traversable on purpose
+    except OSError as exc:
+        raise ControlError(
+            f"cannot create control socket directory {parent}: {exc.strerror}"
+        ) from None
+
+
+def _refuse_if_taken(path: str) -> None:
+    """Leave a stale socket to be replaced; refuse a live one or anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return  # stale: nobody listens (its daemon died without cleaning up)
+    except (TimeoutError, BlockingIOError):
+        pass  # a full backlog: somebody is listening
+    except OSError as exc:
+        raise ControlError(f"cannot probe control socket {path}: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise ControlError(f"another sockd is already running on control socket {path}")
+
+
+def _unlink_if_ours(path: str, identity: tuple[int, int]) -> None:
+    """Remove the socket file unless something else has been put at that path since."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    if (info.st_dev, info.st_ino) == identity:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _refuse_busy(sock: socket.socket) -> None:
+    """Answer 503 from the accept loop without blocking it (the buffer is empty)."""
+    body = _error_body(
+        ErrorCode.UNAVAILABLE,
+        f"too many control connections (limit {MAX_CONNECTIONS}); try again",
+    )
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        sock.send(_full_response(503, body, _JSON), socket.MSG_NOSIGNAL)
+
+
+class ControlServer:
+    """The control channel: owns the socket file and serves the API in daemon threads.
+
+    ``start()`` and ``apply()`` raise ``ControlError`` with an operator-facing message;
+    ``close()`` never raises. All three are meant for the daemon's main thread.
+    """
+
+    def __init__(
+        self,
+        settings: ControlConfig,
+        backend: ControlBackend,
+        log: Any,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.settings = settings
+        self._backend = backend
+        self._log = log
+        self.max_connections = max_connections
+        self._policy = Policy(os.geteuid(), None, None)
+        self._closing = threading.Event()
+        self._lock = threading.Lock()  # start/apply/close
+        self._conn_lock = threading.Lock()  # the connection table
+        self._active: dict[socket.socket, threading.Thread | None] = {}
+        self._server: _ControlHTTPServer | None = None
+        self._serve_thread: threading.Thread | None = None
+
+    @property
+    def path(self) -> str:
+        """Where the socket currently is (the configured path once started)."""
+        return self.settings.socket
+
+    def start(self) -> None:
+        """Resolve groups, create the socket file and start serving."""
+        with self._lock:
+            if self._server is not None:
+                raise ControlError("the control channel is already started")
+            if self._closing.is_set():
+                raise ControlError("the control channel has been closed")
+            policy = Policy.from_settings(self.settings)
+            self._server, self._serve_thread = self._open(self.settings, policy)
+            self._policy = policy
+
+    def apply(self, settings: ControlConfig) -> None:
+        """Reconfigure live; on ``ControlError`` the old settings stay in force."""
+        with self._lock:
+            server = self._server
+            if server is None or self._closing.is_set():
+                self.settings = settings
+                return
+            policy = Policy.from_settings(settings)
+            if settings.socket != server.path:
+                new_server, new_thread = self._open(settings, policy)
+                old_thread = self._serve_thread
+                self._server, self._serve_thread = new_server, new_thread
+                self.settings, self._policy = settings, policy
+                # In-flight requests on the old socket finish; its file goes away now.
+                _stop_serving(server, old_thread)
+                return
+            self._restyle(server, settings, policy)
+            self.settings, self._policy = settings, policy
+
+    def close(self, timeout: float = CLOSE_GRACE) -> None:
+        """Stop accepting, remove our socket file, let in-flight requests finish.
+
+        Requests still running after ``timeout`` seconds have their sockets shut down
+        (a log stream notices within ``FOLLOW_POLL``); handler threads are daemonic, so
+        one blocked inside the backend cannot keep the process alive.
+        """
+        with self._lock:
+            if self._closing.is_set():
+                return
+            self._closing.set()
+            server, thread = self._server, self._serve_thread
+            self._server = self._serve_thread = None
+        if server is not None:
+            _stop_serving(server, thread)
+            self._log.info("control.closed", path=server.path)
+        deadline = time.monotonic() + timeout
+        if not self._join_handlers(deadline):
+            with self._conn_lock:
+                stuck = list(self._active)
+            for sock in stuck:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self._join_handlers(time.monotonic() + 1.0)
+
+    # -- connection table (called by _ControlHTTPServer) --------------------------
+
+    def _admit(self, sock: socket.socket) -> bool:
+        with self._conn_lock:
+            if len(self._active) >= self.max_connections:
+                return False
+            self._active[sock] = None
+            return True
+
+    def _track(self, sock: socket.socket, thread: threading.Thread) -> None:
+        with self._conn_lock:
+            if sock in self._active:
+                self._active[sock] = thread
+
+    def _release(self, sock: socket.socket) -> None:
+        with self._conn_lock:
+            self._active.pop(sock, None)
+
+    @property
+    def active_connections(self) -> int:
+        with self._conn_lock:
+            return len(self._active)
+
+    # -- internals -------------------------------------------------------------
+
+    def _open(
+        self, settings: ControlConfig, policy: Policy
+    ) -> tuple[_ControlHTTPServer, threading.Thread]:
+        try:
+            server = _ControlHTTPServer(self, settings, policy.group_gid)
+        except OSError as exc:
+            raise ControlError(
+                f"cannot create control socket {settings.socket}: {exc.strerror or exc}"
+            ) from None
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name="sockd-control-serve",
+            daemon=True,
+        )
+        thread.start()
+        self._log.info(
+            "control.listening",
+            path=settings.socket,
+            mode=f"0{settings.mode:o}",
+            group=settings.group,
+            read_group=settings.read_group,
+        )
+        return server, thread
+
+    def _restyle(self, server: _ControlHTTPServer, settings: ControlConfig, policy: Policy) -> None:
+        """Apply a new mode or group to the socket file we already serve on."""
+        identity = server.identity
+        try:
+            info = os.lstat(server.path)
+        except OSError:
+            info = None
+        if info is None or identity is None or (info.st_dev, info.st_ino) != identity:
+            raise ControlError(
+                f"control socket {server.path} was removed or replaced by something else; "
+                "restart sockd to recreate it"
+            )
+        gid = policy.group_gid if policy.group_gid is not None else os.getegid()
+        try:
+            if stat.S_IMODE(info.st_mode) != settings.mode:
+                os.chmod(server.path, settings.mode)
+            if info.st_gid != gid:
+                os.chown(server.path, -1, gid)
+        except OSError as exc:
+            raise ControlError(
+                f"cannot change control socket {server.path}: {exc.strerror}"
+            ) from None
+        server.mode, server.gid = settings.mode, policy.group_gid
+
+    def _join_handlers(self, deadline: float) -> bool:
+        """Wait for handler threads until ``deadline``; True when none is left."""
+        me = threading.current_thread()
+        while True:
+            with self._conn_lock:
+                threads = [t for t in self._active.values() if t is not None and t is not me]
+            if not threads:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            threads[0].join(remaining)
+
+
+def _stop_serving(server: _ControlHTTPServer, thread: threading.Thread | None) -> None:
+    # serve_forever() looks at its shutdown flag only between select() calls, up to
+    # poll_interval apart. A shut-down listening socket stays readable (accept() then
+    # fails with EINVAL), so the loop sees the flag at once; new clients are refused.
+    with contextlib.suppress(OSError):
+        server.socket.shutdown(socket.SHUT_RDWR)
+    if thread is not None and thread.is_alive():
+        server.shutdown()  # returns once serve_forever() has seen the request
+        thread.join()
+    server.server_close()
+
+
+__all__ = [
+    "CLOSE_GRACE",
+    "FOLLOW_POLL",
+    "HEAD_LIMIT",
+    "MAX_CONNECTIONS",
+    "WRITE_TIMEOUT",
+    "BackendConflict",
+    "BackendUnavailable",
+    "ControlBackend",
+    "ControlServer",
+    "LogSubscription",
+    "Peer",
+    "Policy",
+    "ReloadOutcome",
+]
