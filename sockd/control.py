@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import errno
 import grp
 import http.server
 import io
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
 #: Concurrent control connections served at once. Each holds a thread for at most the
 #: request timeout while it sends its request, so a local flood cannot exhaust threads;
 #: the excess get an immediate 503 written from the accept loop.
+_ACCEPT_BACKOFF: Final = 0.1  # seconds between accept attempts when out of descriptors
 MAX_CONNECTIONS: Final = 64
 #: Request line plus headers; control requests are a few hundred bytes.
 HEAD_LIMIT: Final = 32 * 1024
@@ -999,6 +1001,22 @@ class _ControlHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSer
         self._remove_tmpdir()
         _LIVE_SERVERS.add(self)
 
+    def get_request(self) -> tuple[Any, Any]:
+        """Out of descriptors (a handler hogging them): use the reserve, or back off.
+
+        socketserver ignores an ``OSError`` from accept and selects again at once; the
+        still-pending connection would make that a 100% CPU spin.
+        """
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            if self.owner._spend_reserve():
+                return super().get_request()
+            self.owner._closing.wait(_ACCEPT_BACKOFF)
+            raise
+
     def process_request(self, request: Any, client_address: Any) -> None:
         sock = cast(socket.socket, request)
         if not self.owner._admit(sock):
@@ -1153,6 +1171,9 @@ class ControlServer:
         self.max_connections = max_connections
         self._policy = Policy(os.geteuid(), None, None)
         self._closing = threading.Event()
+        #: One descriptor held back so the control channel can still accept a client
+        #: when handlers have used up the process's descriptor limit.
+        self._reserve_fd: int | None = None
         self._lock = threading.Lock()  # start/apply/close
         self._conn_lock = threading.Lock()  # the connection table
         self._active: dict[socket.socket, threading.Thread | None] = {}
@@ -1174,6 +1195,7 @@ class ControlServer:
             policy = Policy.from_settings(self.settings)
             self._server, self._serve_thread = self._open(self.settings, policy)
             self._policy = policy
+        self._restore_reserve()
 
     def apply(self, settings: ControlConfig) -> None:
         """Reconfigure live; on ``ControlError`` the old settings stay in force."""
@@ -1207,6 +1229,7 @@ class ControlServer:
             self._closing.set()
             server, thread = self._server, self._serve_thread
             self._server = self._serve_thread = None
+        self._spend_reserve()
         if server is not None:
             _stop_serving(server, thread)
             self._log.info("control.closed", path=server.path)
@@ -1236,6 +1259,23 @@ class ControlServer:
     def _release(self, sock: socket.socket) -> None:
         with self._conn_lock:
             self._active.pop(sock, None)
+        self._restore_reserve()
+
+    def _spend_reserve(self) -> bool:
+        """Free the descriptor kept for when the process runs out: one more client fits."""
+        with self._conn_lock:
+            fd, self._reserve_fd = self._reserve_fd, None
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
+
+    def _restore_reserve(self) -> None:
+        if self._reserve_fd is not None:
+            return
+        with contextlib.suppress(OSError), self._conn_lock:
+            if self._reserve_fd is None:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     @property
     def active_connections(self) -> int:

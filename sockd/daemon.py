@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import resource
 import selectors
 import signal
 import socket
@@ -105,6 +106,26 @@ def _quiet_find(inherited: systemd.InheritedSocket, address: Address) -> Any:
         return systemd.find_inherited([inherited], address.host, address.port)
     except systemd.SystemdError:
         return None
+
+
+#: Descriptors kept free for the control channel, log files and reload binds.
+FD_RESERVE: Final = 32
+
+
+def _fd_capacity() -> int:
+    """How many connections fit under RLIMIT_NOFILE beside what is open now and the reserve.
+
+    Accepting stops at this number (connections wait in the backlog) instead of running
+    into EMFILE, so an fd-starved daemon still answers its control channel.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 62
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        in_use = 16
+    return max(1, soft - in_use - FD_RESERVE)
 
 
 def _iso(ts: float) -> str:
@@ -235,6 +256,7 @@ class Daemon:
             self.control.start()
         except ControlError as exc:
             raise StartupError(str(exc)) from None
+        self.hub.fd_capacity = _fd_capacity()
         interval = systemd.watchdog_interval()
         if interval:
             self.hub.watchdog = self.notifier.watchdog
@@ -689,6 +711,12 @@ class Daemon:
                 ),
                 metrics.counter(
                     "sockd_accept_errors_total", "accept() failures.", counters.accept_errors
+                ),
+                metrics.labelled_counter(
+                    "sockd_throttled_total",
+                    "Times accepting paused at a limit (new connections wait in the backlog).",
+                    "reason",
+                    counters.throttled,
                 ),
                 metrics.counter(
                     "sockd_children_killed_total",

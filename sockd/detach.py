@@ -72,10 +72,9 @@ class PidFile:
     def release(self) -> None:
         if self._fh is None:
             return
-        with contextlib.suppress(OSError):
-            with open(self.path) as current:
-                if current.read().strip() == str(os.getpid()):
-                    os.unlink(self.path)
+        with contextlib.suppress(OSError), open(self.path) as current:
+            if current.read().strip() == str(os.getpid()):
+                os.unlink(self.path)
         self._fh.close()
         self._fh = None
 

@@ -42,7 +42,8 @@ EVENTS: Final = {
     "server.error": "a runtime failure outside any connection",
     "conn.open": "a connection was accepted (debug level: conn.close carries everything)",
     "conn.close": "the canonical line for one connection: duration, bytes, how it ended",
-    "conn.refused": "connections refused by a limit or access rule (rate-limited summary)",
+    "conn.refused": "connections refused by a limit or access rule (rate-limited summary): counts",
+    "server.throttled": "accepting paused at a limit; connections wait in the backlog: counts",
     "handler.error": "the handler raised: traceback in 'exception'; that connection closes",
     "accept.error": "accept() failed (EMFILE, ENFILE, ...); the loop backs off",
     "child.exited": "forking mode: a child ended abnormally (signal or non-zero status)",
@@ -51,6 +52,8 @@ EVENTS: Final = {
     "control.request": "a state-changing control request: uid, pid, method, path, status",
     "control.denied": "a control request refused for its credentials: uid, pid, path",
     "control.error": "a control request failed inside sockd (bug): traceback",
+    "control.listening": "the control socket accepts: path, mode, group, read_group",
+    "control.closed": "the control socket was removed at stop",
     "log.level_changed": "the log level was changed at run time",
     "log.reopened": "the log file was reopened",
 }
@@ -173,7 +176,11 @@ def _journal_fields(_: Any, method: str, event_dict: MutableMapping[str, Any]) -
 
 
 class Subscription:
-    """A live feed of events for ``GET /v1/logs?follow=1``; bounded so a slow reader cannot grow us."""
+    """A live feed of events for ``GET /v1/logs?follow=1``.
+
+    Bounded: a reader slower than the log loses events (counted in ``dropped``) rather
+    than growing the daemon's memory.
+    """
 
     def __init__(self, ring: LogRing, min_level: int, maxsize: int = 10_000) -> None:
         self._ring = ring

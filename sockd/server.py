@@ -186,6 +186,7 @@ class Counters:
         self.handler_errors = 0
         self.accept_errors = 0
         self.children_killed = 0
+        self.throttled: dict[str, int] = {}
 
 
 class Registry:
@@ -201,6 +202,7 @@ class Registry:
         #: Called (outside the lock) whenever a connection closes; wakes whoever waits.
         self.on_close: Callable[[], None] = lambda: None
         self._pending_refusals: dict[str, int] = {}
+        self._pending_throttles: dict[str, int] = {}
         self._last_refusal_log = 0.0
 
     def next_id(self) -> int:
@@ -244,19 +246,31 @@ class Registry:
     def get(self, conn_id: int) -> Connection | None:
         return self.active.get(conn_id)
 
+    def throttled(self, reason: str) -> None:
+        """Accepting paused at a limit: new connections wait in the backlog."""
+        with self.lock:
+            self.counters.throttled[reason] = self.counters.throttled.get(reason, 0) + 1
+            self._pending_throttles[reason] = self._pending_throttles.get(reason, 0) + 1
+
     def refused(self, reason: str) -> None:
         with self.lock:
             self.counters.refused[reason] = self.counters.refused.get(reason, 0) + 1
             self._pending_refusals[reason] = self._pending_refusals.get(reason, 0) + 1
 
     def flush_refusals(self, log: Any, now: float, every: float = 1.0) -> None:
-        """Log refusals as one summary line a second at most, never one line per peer."""
-        if not self._pending_refusals or now - self._last_refusal_log < every:
+        """Log refusals and limit hits as one summary line a second at most, never per peer."""
+        if not (self._pending_refusals or self._pending_throttles):
+            return
+        if now - self._last_refusal_log < every:
             return
         with self.lock:
-            pending, self._pending_refusals = self._pending_refusals, {}
+            refused, self._pending_refusals = self._pending_refusals, {}
+            throttled, self._pending_throttles = self._pending_throttles, {}
         self._last_refusal_log = now
-        log.warning("conn.refused", counts=pending, total=sum(pending.values()))
+        if refused:
+            log.warning("conn.refused", counts=refused, total=sum(refused.values()))
+        if throttled:
+            log.warning("server.throttled", counts=throttled, active=self.count())
 
 
 class Hub:
@@ -282,8 +296,9 @@ class Hub:
         #: Set by the daemon: the ``sd_notify`` watchdog ping, fed from the serving loop.
         self.watchdog: Callable[[], object] | None = None
         self.watchdog_interval: float | None = None
-        #: Run in a freshly forked child before the handler (e.g. forget sd_notify).
-        self.on_child_start: Callable[[], None] = lambda: None
+        #: Connections that fit in the descriptor limit, leaving a reserve for the
+        #: control channel, log files and reload binds (set by the daemon at start).
+        self.fd_capacity: int = 1 << 62
 
     def apply(
         self, settings: ServerConfig, handler_cls: type[socketserver.BaseRequestHandler]
@@ -293,11 +308,23 @@ class Hub:
         self.settings = settings
 
     def at_capacity(self) -> bool:
+        return self.capacity_reason() is not None
+
+    def capacity_reason(self) -> str | None:
+        """Which limit stops accepting right now, if any (connections wait in the backlog)."""
         settings = self.settings
-        limit = settings.max_connections
-        if settings.mode == "forking":
-            limit = min(limit, settings.max_children) if limit else settings.max_children
-        return bool(limit) and self.registry.count() >= limit
+        active = self.registry.count()
+        if (
+            settings.max_connections
+            and active >= settings.max_connections
+            and settings.on_limit == "wait"
+        ):
+            return "max_connections"
+        if settings.mode == "forking" and active >= settings.max_children:
+            return "max_children"
+        if active >= self.fd_capacity:
+            return "fd_limit"
+        return None
 
 
 class AccessRules:
@@ -399,7 +426,11 @@ class ListenerMixin:
         if hub.rules.active and not hub.rules.permits(host):
             hub.registry.refused("denied")
             return False
-        if settings.on_limit == "refuse" and hub.at_capacity():
+        if (
+            settings.on_limit == "refuse"
+            and settings.max_connections
+            and hub.registry.count() >= settings.max_connections
+        ):
             hub.registry.refused("max_connections")
             return False
         key = hub.rules.peer_key(host) if settings.max_per_ip else host
@@ -587,7 +618,6 @@ class ForkingListener(ListenerMixin, socketserver.ForkingTCPServer):
             if other is not conn:
                 with contextlib.suppress(OSError):
                     other.sock.close()
-        self.hub.on_child_start()
 
     def close_request(self, request: Any) -> None:
         """The parent keeps the descriptor until the child exits (see the class docstring)."""
@@ -758,6 +788,10 @@ class Acceptor:
         want = self._want_accepting(time.monotonic())
         if want == self._registered and not force:
             return
+        if not want and not self.paused:
+            reason = self.hub.capacity_reason()
+            if reason is not None:
+                self.hub.registry.throttled(reason)
         for key in list(self._selector.get_map().values()):
             if key.data is not None:
                 self._selector.unregister(key.fileobj)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -72,7 +73,12 @@ def base_config(tmp: Path, **server: Any) -> dict[str, dict[str, Any]]:
 class SockdProcess:
     """A real sockd subprocess whose JSON log lines are collected as they arrive."""
 
-    def __init__(self, config_path: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        extra_env: dict[str, str] | None = None,
+        nofile: int | None = None,
+    ) -> None:
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         env.pop("LISTEN_FDS", None)
@@ -85,6 +91,9 @@ class SockdProcess:
             stderr=subprocess.PIPE,
             env=env,
             cwd=str(REPO),
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+            if nofile
+            else None,
         )
         self.events: list[dict[str, Any]] = []
         self.raw_lines: list[str] = []
@@ -186,13 +195,14 @@ def sockd_factory(short_tmp: Path) -> Iterator[Callable[..., SockdProcess]]:
         config: dict[str, dict[str, Any]] | str | None = None,
         env: dict[str, str] | None = None,
         name: str = "sockd.toml",
+        nofile: int | None = None,
     ) -> SockdProcess:
         if config is None:
             config = base_config(short_tmp)
         text = config if isinstance(config, str) else render_config(config)
         path = short_tmp / name
         path.write_text(text)
-        proc = SockdProcess(path, env)
+        proc = SockdProcess(path, env, nofile)
         started.append(proc)
         return proc
 
@@ -226,6 +236,12 @@ def recv_line(sock: socket.socket) -> bytes:
     return buf
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` from /proc (zombies included)."""
     out = []
@@ -246,6 +262,7 @@ __all__ = [
     "SockdProcess",
     "base_config",
     "children_of",
+    "cpu_seconds",
     "connect",
     "recv_exactly",
     "recv_line",

@@ -114,3 +114,44 @@ class Calculator(JSONActionHandler):
 
     def helper(self, request: dict[str, Any]) -> Any:
         return "must never be reachable"
+
+
+class SetupBoom(socketserver.BaseRequestHandler):
+    """Raises in setup(), before handle() ever runs."""
+
+    def setup(self) -> None:
+        raise RuntimeError("setup exploded on purpose")
+
+    def handle(self) -> None:
+        self.request.sendall(b"unreachable")
+
+
+class FinishBoom(socketserver.BaseRequestHandler):
+    """Answers, then raises in finish()."""
+
+    def handle(self) -> None:
+        self.request.sendall(self.request.recv(100))
+
+    def finish(self) -> None:
+        raise RuntimeError("finish exploded on purpose")
+
+
+class FdHog(SockdHandler):
+    """Opens descriptors until the process runs out, holds them until the peer closes."""
+
+    def handle(self) -> None:
+        import os
+
+        held: list[int] = []
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        self.log.info("test.hogging", held=len(held))
+        try:
+            while self.request.recv(100):
+                pass
+        finally:
+            for fd in held:
+                os.close(fd)

@@ -25,6 +25,9 @@ __all__ = ["ActionError", "EchoHandler", "JSONActionHandler", "SockdHandler", "a
 F = TypeVar("F", bound=Callable[..., Any])
 _ACTION_ATTR: Final = "_sockd_action"
 _DISCARD_CHUNK: Final = 64 * 1024
+_UNSERIALISABLE: Final = (
+    b'{"ok": false, "error": {"code": "internal", "message": "unserialisable result"}}\n'
+)
 
 
 class EchoHandler(SockdHandler):
@@ -156,7 +159,7 @@ class JSONActionHandler(SockdHandler):
         try:
             data = json.dumps(body, default=str).encode() + b"\n"
         except (ValueError, RecursionError):
-            data = b'{"ok": false, "error": {"code": "internal", "message": "unserialisable result"}}\n'
+            data = _UNSERIALISABLE
         self.request.sendall(data)
 
     def reply_error(self, code: str, message: str, request_id: Any = None) -> None:
