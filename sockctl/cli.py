@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,31 @@ class ConfigFileError(SockctlError):
         self.problems = list(error.problems)
 
 
+def socket_from_config(path: str) -> str:
+    """Only ``control.socket`` from a sockd config, leniently.
+
+    The rest of the file is not validated here: ``sockctl --config F reload`` must reach
+    the daemon even when F has errors elsewhere, so the daemon itself rejects it, logs
+    ``reload.rejected`` and answers with every problem. Only a file that cannot be read
+    or is not TOML at all stops sockctl (exit 78).
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigFileError(
+            ConfigError([f"cannot read config file: {exc.strerror}"], path)
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(ConfigError([f"TOML syntax error: {exc}"], path)) from None
+    control = data.get("control")
+    value = control.get("socket") if isinstance(control, dict) else None
+    if isinstance(value, str) and value:
+        return value
+    default: str = sockd_config.SETTINGS_BY_KEY["control.socket"].default
+    return default
+
+
 @dataclass
 class Settings:
     """The global options, shared by every command through the click context."""
@@ -67,10 +93,7 @@ class Settings:
         if self.socket:
             return self.socket
         if self.config:
-            try:
-                return sockd_config.load(self.config).control.socket
-            except ConfigError as exc:
-                raise ConfigFileError(exc) from None
+            return socket_from_config(self.config)
         return os.environ.get(CONTROL_SOCKET_ENV) or DEFAULT_CONTROL_SOCKET
 
     def client(self) -> ControlClient:

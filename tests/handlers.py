@@ -155,3 +155,19 @@ class FdHog(SockdHandler):
         finally:
             for fd in held:
                 os.close(fd)
+
+
+class LineEcho(SockdHandler):
+    """Echoes line by line; when a drain begins it finishes the current line and closes.
+
+    Requests are never cut in half: each one gets its whole reply or, after the drain
+    began, the connection closes at a request boundary.
+    """
+
+    def handle(self) -> None:
+        rfile = self.request.makefile("rb")
+        while not self.draining.is_set():
+            line = rfile.readline(65536)
+            if not line:
+                return
+            self.request.sendall(line)

@@ -799,16 +799,28 @@ def test_default_socket_path_is_tried_last() -> None:
     assert DEFAULT_CONTROL_SOCKET in result.stderr
 
 
-def test_invalid_config_option_exits_78(sockdir: str) -> None:
-    """An invalid --config file exits 78 listing its problems."""
+def test_unparsable_config_option_exits_78(sockdir: str) -> None:
+    """A --config file that is not TOML at all exits 78 naming the syntax error."""
     path = os.path.join(sockdir, "bad.toml")
     with open(path, "w") as fh:
-        fh.write('[server]\nmode = "sideways"\n')
+        fh.write("[server\n")
     result = run("--config", path, "status")
     assert result.exit_code == 78
     lines = result.stderr.splitlines()
     assert lines[0] == f"sockctl: invalid config file {path}"
-    assert lines[1].startswith("sockctl:   server.mode: expected")
+    assert lines[1].startswith("sockctl:   TOML syntax error")
+
+
+def test_config_option_reads_only_the_socket(sockdir: str, daemon: FakeServer) -> None:
+    """Errors elsewhere in a --config file do not stop sockctl reaching the daemon.
+
+    That is what lets `systemctl reload` deliver a bad file to the daemon, which
+    rejects it and logs reload.rejected.
+    """
+    path = os.path.join(sockdir, "semantic.toml")
+    with open(path, "w") as fh:
+        fh.write(f'[server]\nmode = "sideways"\n[control]\nsocket = "{daemon.path}"\n')
+    assert run("--config", path, "status").exit_code == 0
 
 
 # --- check ----------------------------------------------------------------------------

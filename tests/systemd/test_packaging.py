@@ -1,0 +1,90 @@
+"""Static checks of the shipped unit files that need no systemd (run everywhere)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .box import PACKAGING
+
+SYSTEMD = PACKAGING / "systemd"
+# Keys that legitimately differ per instance in sockd@.service.
+PER_INSTANCE = {"Description", "ExecStart", "ExecReload", "RuntimeDirectory", "SyslogIdentifier"}
+
+
+def directives(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Section name -> (key, value) pairs in file order, comments dropped."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections.setdefault(current, [])
+            continue
+        key, _, value = line.partition("=")
+        sections[current].append((key.strip(), value.strip()))
+    return sections
+
+
+def settings(path: Path, section: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key, value in directives(path)[section]:
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def test_template_keeps_the_same_hardening() -> None:
+    """sockd@.service differs from sockd.service only in per-instance keys."""
+    single = settings(SYSTEMD / "sockd.service", "Service")
+    template = settings(SYSTEMD / "sockd@.service", "Service")
+    for key in PER_INSTANCE:
+        single.pop(key, None)
+        template.pop(key, None)
+    assert template == single
+    unit_single = settings(SYSTEMD / "sockd.service", "Unit")
+    unit_template = settings(SYSTEMD / "sockd@.service", "Unit")
+    unit_single.pop("Description")
+    unit_template.pop("Description")
+    assert unit_template == unit_single
+
+
+def test_required_service_settings() -> None:
+    """The settings the daemon relies on are present with the agreed values."""
+    service = settings(SYSTEMD / "sockd.service", "Service")
+    expected = {
+        "Type": ["notify"],
+        "NotifyAccess": ["main"],
+        "ExecStart": ["/usr/local/bin/sockd --config /etc/sockd/sockd.toml"],
+        "ExecReload": ["/usr/local/bin/sockctl --config /etc/sockd/sockd.toml reload"],
+        "Restart": ["on-failure"],
+        "RestartPreventExitStatus": ["78"],
+        "WatchdogSec": ["10"],
+        "TimeoutStopSec": ["45"],
+        "KillMode": ["mixed"],
+        "RuntimeDirectory": ["sockd"],
+        "FileDescriptorStoreMax": ["16"],
+        "User": ["sockd"],
+    }
+    assert {key: service.get(key) for key in expected} == expected
+
+
+def test_socket_unit_matches_default_listen_address() -> None:
+    """sockd.socket binds the default server.listen, so the defaults work together."""
+    from sockd import config
+
+    socket_unit = settings(SYSTEMD / "sockd.socket", "Socket")
+    default_listen = [str(a) for a in config.defaults().server.listen]
+    assert socket_unit["ListenStream"] == default_listen
+
+
+def test_stop_timeout_exceeds_shutdown_timeout() -> None:
+    """TimeoutStopSec leaves room for the default graceful drain before SIGKILL."""
+    from sockd import config
+
+    service = settings(SYSTEMD / "sockd.service", "Service")
+    (stop,) = service["TimeoutStopSec"]
+    assert re.fullmatch(r"\d+", stop)
+    assert int(stop) > config.defaults().server.shutdown_timeout
