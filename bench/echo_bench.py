@@ -57,13 +57,11 @@ def start_sockd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     log.unlink(missing_ok=True)
     config = tmp / "bench.toml"
     config.write_text(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nmode = \"threading\"\n"
-        "[logging]\nlevel = \"info\"\nformat = \"json\"\n"
+        '[server]\nlisten = ["127.0.0.1:0"]\nmode = "threading"\n'
+        '[logging]\nlevel = "info"\nformat = "json"\n'
         f'output = "{log}"\n[control]\nsocket = "{tmp}/ctl.sock"\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sockd", "--config", str(config)], cwd=REPO
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "sockd", "--config", str(config)], cwd=REPO)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if log.exists():
@@ -151,18 +149,30 @@ def main() -> int:
                     proc.wait(60)
         stops = [stop_latency_ms(tmp) for _ in range(5)]
     ok = True
-    print(f"echo benchmark: {args.rounds} rounds x {args.seconds:g}s, {args.clients} client processes, "
-          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    for metric, label, target in (("req", "request rate (req/s)", 0.95), ("conn", "connection rate (conn/s)", 0.90)):
+    print(
+        f"echo benchmark: {args.rounds} rounds x {args.seconds:g}s, "
+        f"{args.clients} client processes, {os.cpu_count()} cores, "
+        f"Python {sys.version.split()[0]}"
+    )
+    for metric, label, target in (
+        ("req", "request rate (req/s)", 0.95),
+        ("conn", "connection rate (conn/s)", 0.90),
+    ):
         bare = statistics.median(results["bare"][metric])
         sockd = statistics.median(results["sockd"][metric])
         ratio = sockd / bare
         verdict = "OK" if ratio >= target else "MISSED"
         ok &= ratio >= target
-        print(f"  {label:26} bare {bare:10.0f}   sockd {sockd:10.0f}   ratio {ratio:.3f}  (target >= {target}) {verdict}")
+        print(
+            f"  {label:26} bare {bare:10.0f}   sockd {sockd:10.0f}   "
+            f"ratio {ratio:.3f}  (target >= {target}) {verdict}"
+        )
     stop = statistics.median(stops)
     ok &= stop < 50
-    print(f"  {'stop latency, idle (ms)':26} sockd median {stop:.1f} of {len(stops)} (target < 50) {'OK' if stop < 50 else 'MISSED'}")
+    print(
+        f"  {'stop latency, idle (ms)':26} sockd median {stop:.1f} of {len(stops)} "
+        f"(target < 50) {'OK' if stop < 50 else 'MISSED'}"
+    )
     return 0 if ok or args.no_fail else 1
 
 

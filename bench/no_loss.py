@@ -50,8 +50,9 @@ class Tally:
                 setattr(self, key, getattr(self, key) + value)
 
 
-def _client(address: tuple[str, int], worker: int, persistent: bool, tally: Tally,
-            stop: threading.Event) -> None:
+def _client(
+    address: tuple[str, int], worker: int, persistent: bool, tally: Tally, stop: threading.Event
+) -> None:
     n = 0
     sock: socket.socket | None = None
     while not stop.is_set():
@@ -110,8 +111,9 @@ def run(mode: str, seconds: float, clients: int, reload_every: float) -> dict[st
             f'[control]\nsocket = "{tmp}/ctl.sock"\n'
         )
         env = dict(os.environ, PYTHONPATH=str(REPO))
-        proc = subprocess.Popen([sys.executable, "-m", "sockd", "--config", str(config)],
-                                cwd=REPO, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sockd", "--config", str(config)], cwd=REPO, env=env
+        )
         port = 0
         deadline = time.monotonic() + 15
         while not port:
@@ -186,7 +188,10 @@ def main() -> int:
         result = run(mode, args.seconds, args.clients, args.reload_every)
         verdict = "LOSS" if lost(result) else "OK"
         failed |= verdict == "LOSS"
-        print(f"{mode:9} {verdict}: " + ", ".join(f"{k}={v}" for k, v in result.items() if k != "problems"))
+        print(
+            f"{mode:9} {verdict}: "
+            + ", ".join(f"{k}={v}" for k, v in result.items() if k != "problems")
+        )
         for problem in result["problems"]:  # type: ignore[attr-defined]
             print(f"    {problem}")
     return 1 if failed else 0

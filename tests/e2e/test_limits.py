@@ -173,7 +173,10 @@ def test_idle_timeout_closes_silent_connections(sockd_factory: Any, short_tmp: P
 def test_forking_max_children_does_not_block_loop(sockd_factory: Any, short_tmp: Path) -> None:
     """At max_children the loop keeps running: control answers, SIGTERM drains promptly."""
     config = base_config(
-        short_tmp, mode="forking", max_children=2, handler="tests.handlers:Silent",
+        short_tmp,
+        mode="forking",
+        max_children=2,
+        handler="tests.handlers:Silent",
         shutdown_timeout=1,
     )
     proc = sockd_factory(config)

@@ -95,10 +95,8 @@ def client_for(short_tmp: Path) -> ControlClient:
     return ControlClient(str(short_tmp / "ctl.sock"), timeout=30)
 
 
-def test_reload_under_load_never_drops_a_connection(
-    sockd_factory: Any, short_tmp: Path
-) -> None:
-    """Handler change, address added and removed, mode switched both ways, log level: zero failures."""
+def test_reload_under_load_never_drops_a_connection(sockd_factory: Any, short_tmp: Path) -> None:
+    """Handler change, address added/removed, mode switched both ways: zero failed exchanges."""
     config = base_config(short_tmp)
     config["logging"]["level"] = "info"
     proc = sockd_factory(config)
@@ -111,8 +109,14 @@ def test_reload_under_load_never_drops_a_connection(
     steps: list[tuple[str, dict[str, Any]]] = [
         ("handler", {"handler": "tests.handlers:Tagged"}),
         ("listen+", {"handler": "tests.handlers:Tagged", "listen": ["127.0.0.1:0", "127.0.0.2:0"]}),
-        ("mode", {"handler": "tests.handlers:TaggedB", "mode": "forking",
-                  "listen": ["127.0.0.1:0", "127.0.0.2:0"]}),
+        (
+            "mode",
+            {
+                "handler": "tests.handlers:TaggedB",
+                "mode": "forking",
+                "listen": ["127.0.0.1:0", "127.0.0.2:0"],
+            },
+        ),
         ("listen-", {"handler": "tests.handlers:TaggedB", "mode": "forking"}),
         ("mode back", {"handler": "sockd.handlers:EchoHandler", "mode": "threading"}),
     ]

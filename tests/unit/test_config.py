@@ -48,7 +48,9 @@ def test_address_parsing(text: str, expected: Address) -> None:
     assert str(Address.parse(text)) == text
 
 
-@pytest.mark.parametrize("text", ["9000", "::1:9000", "[::1]9000", "[nope]:1", "h:70000", "h:x", ":80"])
+@pytest.mark.parametrize(
+    "text", ["9000", "::1:9000", "[::1]9000", "[nope]:1", "h:70000", "h:x", ":80"]
+)
 def test_bad_addresses_are_refused(text: str) -> None:
     """Unparsable addresses raise ValueError with a reason."""
     with pytest.raises(ValueError, match=r".+"):
@@ -76,8 +78,14 @@ def test_every_problem_is_reported_at_once() -> None:
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
-        ({"server": {"request_queue_size": 0}}, "server.request_queue_size: expected an integer from 1"),
-        ({"server": {"request_queue_size": True}}, "server.request_queue_size: expected an integer, got true"),
+        (
+            {"server": {"request_queue_size": 0}},
+            "server.request_queue_size: expected an integer from 1",
+        ),
+        (
+            {"server": {"request_queue_size": True}},
+            "server.request_queue_size: expected an integer, got true",
+        ),
         ({"server": {"shutdown_timeout": -1}}, "server.shutdown_timeout: expected seconds from 0"),
         ({"server": {"handler": "nomodule_xyz:H"}}, 'cannot import module "nomodule_xyz"'),
         ({"server": {"handler": "sockd.handlers:Nope"}}, 'has no attribute "Nope"'),
@@ -125,7 +133,11 @@ def test_diff_lists_changed_keys_in_declaration_order() -> None:
     new = from_mapping({"server": {"mode": "forking"}, "logging": {"level": "debug"}})
     assert [c.key for c in diff(old, new)] == ["server.mode", "logging.level"]
     assert diff(old, from_mapping({})) == []
-    assert diff(old, new)[0].as_dict() == {"key": "server.mode", "old": "threading", "new": "forking"}
+    assert diff(old, new)[0].as_dict() == {
+        "key": "server.mode",
+        "old": "threading",
+        "new": "forking",
+    }
 
 
 def test_to_dict_round_trips_through_validation() -> None:
@@ -144,7 +156,9 @@ def test_example_config_documents_every_key() -> None:
             assert f"[{setting.key}]" in text
             continue
         pattern = rf"^# [^\n]*\n(#? ?){re.escape(setting.name)} = "
-        assert re.search(pattern, text, re.MULTILINE), f"{setting.key} undocumented in etc/sockd.toml"
+        assert re.search(pattern, text, re.MULTILINE), (
+            f"{setting.key} undocumented in etc/sockd.toml"
+        )
 
 
 def test_readme_reference_table_matches_declaration() -> None:

@@ -42,7 +42,9 @@ class Child(Shop):
         return "pong"
 
 
-def serve(handler_cls: type, options: dict[str, Any] | None = None) -> tuple[socket.socket, threading.Thread]:
+def serve(
+    handler_cls: type, options: dict[str, Any] | None = None
+) -> tuple[socket.socket, threading.Thread]:
     client, server = socket.socketpair()
 
     def run() -> None:
