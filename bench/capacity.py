@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procstat import children, pss_kb, threads  # noqa: E402
+from procstat import children, pss_kb, threads
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from procstat import children, fds, rss_kb, threads  # noqa: E402
+from procstat import children, fds, rss_kb, threads
 
 REPO = Path(__file__).resolve().parent.parent
 MESSAGE = b"s" * 64
