@@ -118,7 +118,8 @@ def main() -> int:
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
     print(
-        f"capacity: {args.connections} idle connections (threading), {args.children} children (forking)"
+        f"capacity: {args.connections} idle connections (threading), "
+        f"{args.children} children (forking)"
     )
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="skc") as tmpdir:
         tmp = Path(tmpdir)
