@@ -464,6 +464,16 @@ def import_handler(path: str) -> type[socketserver.BaseRequestHandler]:
 
 def _check_cross(values: Mapping[str, Any], problems: list[str]) -> None:
     """Rules that involve more than one key."""
+    handler = values.get("server.handler")
+    options = values.get("server.handler_options")
+    if handler is not None and options is not None:
+        check = getattr(import_handler(handler), "check_options", None)
+        if callable(check):
+            try:
+                found = check(dict(options))
+            except Exception as exc:  # user code: its failure is a config problem
+                found = [f"check_options raised {type(exc).__name__}: {exc}"]
+            problems.extend(f"server.handler_options: {p}" for p in found or ())
     if values.get("control.group") and values.get("control.group") == values.get(
         "control.read_group"
     ):
@@ -572,6 +582,8 @@ class Change:
     new: Any
 
     def as_dict(self) -> dict[str, Any]:
+        if self.key == "control.mode":  # written as in the file and GET /v1/config
+            return {"key": self.key, "old": f"0{self.old:o}", "new": f"0{self.new:o}"}
         return {"key": self.key, "old": _plain(self.old), "new": _plain(self.new)}
 
 

@@ -47,6 +47,7 @@ at most ``MAX_CONNECTIONS`` are served at once and the excess get ``503`` at onc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.utils
 import errno
 import grp
@@ -944,6 +945,23 @@ def _reject_constant(name: str) -> Any:
 # --------------------------------------------------------------------------- server
 
 
+def _file_access(settings: ControlConfig, policy: Policy) -> tuple[int, int | None]:
+    """The socket file's mode and group, so that every role the policy grants can connect.
+
+    Connecting to a Unix socket needs write permission on its file, which is checked
+    before our credential check ever runs. The file's group is ``control.group``, or
+    ``control.read_group`` when only that is set. With both set, one file cannot carry
+    two groups, so "other" gets read/write too and the credential check (SO_PEERCRED,
+    which refuses everyone outside root, our uid and the two groups) is the gate.
+    """
+    mode = settings.mode
+    if policy.group_gid is not None:
+        if policy.read_gid is not None:
+            mode |= 0o006
+        return mode, policy.group_gid
+    return mode, policy.read_gid
+
+
 class _ControlHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """The socketserver for one socket path; ``ControlServer`` owns one at a time.
 
@@ -1287,8 +1305,9 @@ class ControlServer:
     def _open(
         self, settings: ControlConfig, policy: Policy
     ) -> tuple[_ControlHTTPServer, threading.Thread]:
+        mode, gid = _file_access(settings, policy)
         try:
-            server = _ControlHTTPServer(self, settings, policy.group_gid)
+            server = _ControlHTTPServer(self, dataclasses.replace(settings, mode=mode), gid)
         except OSError as exc:
             raise ControlError(
                 f"cannot create control socket {settings.socket}: {exc.strerror or exc}"
@@ -1321,17 +1340,18 @@ class ControlServer:
                 f"control socket {server.path} was removed or replaced by something else; "
                 "restart sockd to recreate it"
             )
-        gid = policy.group_gid if policy.group_gid is not None else os.getegid()
+        mode, file_gid = _file_access(settings, policy)
+        gid = file_gid if file_gid is not None else os.getegid()
         try:
-            if stat.S_IMODE(info.st_mode) != settings.mode:
-                os.chmod(server.path, settings.mode)
+            if stat.S_IMODE(info.st_mode) != mode:
+                os.chmod(server.path, mode)
             if info.st_gid != gid:
                 os.chown(server.path, -1, gid)
         except OSError as exc:
             raise ControlError(
                 f"cannot change control socket {server.path}: {exc.strerror}"
             ) from None
-        server.mode, server.gid = settings.mode, policy.group_gid
+        server.mode, server.gid = mode, file_gid
 
     def _join_handlers(self, deadline: float) -> bool:
         """Wait for handler threads until ``deadline``; True when none is left."""

@@ -71,6 +71,29 @@ _LEVELS: Final = {
 }
 
 
+DEBUG: Final = 10
+INFO: Final = 20
+
+#: The daemon's one LogSystem; module level so hot paths can check the level and emit
+#: without a reference being threaded through every call.
+_active: LogSystem | None = None
+
+
+def enabled(number: int) -> bool:
+    """Whether an event at this level would be written (cheap: no event is built)."""
+    active = _active
+    return active is None or number >= active.level
+
+
+def emit(number: int, event: str, fields: dict[str, Any]) -> None:
+    """Write one event from a hot path: same renderer, ring and sink as structlog's path."""
+    active = _active
+    if active is None:
+        structlog.get_logger().log(number, event, **fields)
+        return
+    active.emit(number, event, fields)
+
+
 def level_number(name: str) -> int:
     return _LEVELS[name.lower()]
 
@@ -153,6 +176,8 @@ def _journal_writer() -> Any:
 
     return JournalWriter()
 
+
+_NAMES: Final = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "critical"}
 
 _SYSLOG_PRIORITY: Final = {10: "7", 20: "6", 30: "4", 40: "3", 50: "2"}
 
@@ -305,6 +330,8 @@ class LogSystem:
             cache_logger_on_first_use=True,
         )
         os.register_at_fork(after_in_child=self._after_fork_in_child)
+        global _active  # noqa: PLW0603  # one log system per process, set once at start
+        _active = self
 
     def _after_fork_in_child(self) -> None:
         # A forked child's events still reach the output, but the ring and its
@@ -329,6 +356,19 @@ class LogSystem:
             event = structlog.processors.format_exc_info(logger, method, event)
         self.ring.add(dict(event), number)
         return self._render(logger, method, event)
+
+    def emit(self, number: int, event_name: str, fields: dict[str, Any]) -> None:
+        if number < self.level:
+            return
+        method = _NAMES[number]
+        event: dict[str, Any] = {"timestamp": iso_now(), "level": method, "event": event_name}
+        event.update(fields)
+        self.ring.add(dict(event), number)
+        rendered = self._render(None, method, event)
+        if isinstance(rendered, dict):
+            self.sink.msg(**rendered)
+        else:
+            self.sink.msg(rendered)
 
     def _make_renderer(self) -> Callable[..., Any]:
         fmt = self.settings.format

@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import structlog
 
+from sockd import logs
 from sockd.config import Address, Network, ServerConfig
 
 #: Offsets into Linux's ``struct tcp_info`` (stable ABI: fields are only ever appended).
@@ -109,11 +110,12 @@ class Connection:
     """One accepted connection, as the registry, the logs and the control channel see it."""
 
     __slots__ = (
+        "_base_log",
+        "_log",
         "close_reason",
         "handler_cls",
         "id",
         "listen",
-        "log",
         "options",
         "peer_addr",
         "peer_key",
@@ -133,6 +135,7 @@ class Connection:
         peer_key: bytes | str,
         handler_cls: type[socketserver.BaseRequestHandler],
         options: dict[str, Any],
+        base_log: Any,
     ) -> None:
         self.id = conn_id
         self.sock = sock
@@ -146,7 +149,32 @@ class Connection:
         self.close_reason: str | None = None
         self.handler_cls = handler_cls
         self.options = options
-        self.log: Any = None
+        self._base_log = base_log
+        self._log: Any = None
+
+    @property
+    def log(self) -> Any:
+        """A logger bound to this connection, made on first use (most never need one)."""
+        log = self._log
+        if log is None:
+            log = self._log = self._base_log.bind(**self.context())
+        return log
+
+    @log.setter
+    def log(self, value: Any) -> None:
+        self._log = value
+
+    def context(self) -> dict[str, Any]:
+        """The fields every event about this connection carries."""
+        fields: dict[str, Any] = {
+            "conn_id": self.id,
+            "peer_addr": self.peer_addr,
+            "peer_port": self.peer_port,
+            "listen": self.listen,
+        }
+        if self.pid is not None:
+            fields["pid"] = self.pid
+        return fields
 
     @property
     def peer(self) -> str:
@@ -369,20 +397,49 @@ class AccessRules:
         return value.to_bytes(16, "big")
 
 
+_FALLBACK_LOG: Any = structlog.get_logger()
+
+
 class SockdHandler(socketserver.BaseRequestHandler):
     """Base for handlers that want more than ``self.request``.
 
-    Before ``setup()`` runs, sockd sets:
-    - ``self.options``: the ``[server.handler_options]`` table in force at accept time;
-    - ``self.log``: a structlog logger already bound to this connection (conn_id, peer);
+    Under sockd, before ``setup()`` runs:
+    - ``self.options``: the ``[server.handler_options]`` table in force at accept time
+      (a copy per connection);
+    - ``self.log``: a structlog logger bound to this connection (conn_id, peer_addr,
+      peer_port, listen; pid in forking mode), created on first use;
     - ``self.draining``: a ``threading.Event`` set when a graceful stop begins, so a
       long-lived handler can finish early (``if self.draining.is_set(): break``).
-    A plain ``BaseRequestHandler`` runs unchanged; it just does not get these.
+    Run by a bare socketserver, the class defaults apply (empty options, a plain logger,
+    a drain flag that is never set). A plain ``BaseRequestHandler`` runs unchanged
+    under sockd; it just does not get these.
     """
 
-    options: dict[str, Any]
-    log: Any
-    draining: threading.Event
+    options: dict[str, Any] = {}  # noqa: RUF012  # replaced per connection by sockd
+    draining: threading.Event = threading.Event()
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> list[str]:
+        """Problems with ``handler_options``, found when the config is loaded.
+
+        Override to validate your options: each returned string becomes a config error
+        ``server.handler_options: <string>`` (exit 78 at start, a rejected reload later).
+        """
+        return []
+
+    _sockd_conn: Connection | None = None
+    _log_override: Any = None
+
+    @property
+    def log(self) -> Any:
+        if self._log_override is not None:
+            return self._log_override
+        conn = self._sockd_conn
+        return conn.log if conn is not None else _FALLBACK_LOG
+
+    @log.setter
+    def log(self, value: Any) -> None:
+        self._log_override = value
 
 
 class ListenerMixin:
@@ -445,6 +502,7 @@ class ListenerMixin:
             key,
             hub.handler_cls,
             dict(settings.handler_options),
+            hub.log,
         )
         request.sockd_conn = conn
         hub.registry.add(conn)
@@ -457,7 +515,7 @@ class ListenerMixin:
         if conn is not None and isinstance(cls, type) and issubclass(cls, SockdHandler):
             handler = cls.__new__(cls)
             handler.options = conn.options
-            handler.log = conn.log
+            handler._sockd_conn = conn
             handler.draining = self.hub.draining
             cls.__init__(handler, request, client_address, self)  # type: ignore[arg-type]
         else:
@@ -465,7 +523,7 @@ class ListenerMixin:
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         conn: Connection | None = getattr(request, "sockd_conn", None)
-        log = conn.log if conn is not None and conn.log is not None else self.hub.log
+        log = conn.log if conn is not None else self.hub.log
         exc = sys.exc_info()[1]
         log.error(
             "handler.error",
@@ -509,13 +567,13 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         conn: Connection = request.sockd_conn
-        conn.log = self.hub.log.bind(
-            conn_id=conn.id, peer_addr=conn.peer_addr, peer_port=conn.peer_port, listen=conn.listen
-        )
-        conn.log.debug("conn.open")
+        if logs.enabled(logs.DEBUG):
+            conn.log.debug("conn.open")
         ended = "closed"
         try:
             self.finish_request(request, client_address)
+        except _PEER_GONE:
+            ended = "peer_gone"  # the client hung up mid-reply: not a server bug
         except Exception:
             ended = "error"
             self.handle_error(request, client_address)
@@ -529,15 +587,26 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
 
 
 def log_close(conn: Connection, stats: TrafficStats | None, ended: str, **extra: Any) -> None:
-    conn.log.info(
-        "conn.close",
-        duration_ms=round((time.monotonic() - conn.started) * 1000, 3),
-        bytes_in=stats.bytes_in if stats else None,
-        bytes_out=stats.bytes_out if stats else None,
-        ended=ended,
-        **extra,
-    )
+    """The canonical line: one per connection, with everything an operator needs.
 
+    Written through ``logs.emit`` (the same renderer, ring and sink as every event)
+    without structlog's per-call context copying: it is on every connection's path.
+    """
+    fields = conn.context()
+    fields["duration_ms"] = round((time.monotonic() - conn.started) * 1000, 3)
+    fields["bytes_in"] = stats.bytes_in if stats else None
+    fields["bytes_out"] = stats.bytes_out if stats else None
+    fields["ended"] = ended
+    if extra:
+        fields.update(extra)
+    logs.emit(logs.INFO, "conn.close", fields)
+
+
+#: The peer went away while the handler was using the socket: an ordinary end.
+_PEER_GONE: Final = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+#: How a forked child reports how its connection ended.
+_EXIT_PEER_GONE: Final = 3
+_ENDED_BY_EXIT: Final = {0: "closed", 1: "error", _EXIT_PEER_GONE: "peer_gone"}
 
 #: Signals whose inherited Python handlers make no sense in a forked child.
 _CHILD_SIGNALS: Final = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
@@ -570,24 +639,25 @@ class ForkingListener(ListenerMixin, socketserver.ForkingTCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         conn: Connection = request.sockd_conn
-        conn.log = self.hub.log.bind(
-            conn_id=conn.id, peer_addr=conn.peer_addr, peer_port=conn.peer_port, listen=conn.listen
-        )
         pid = os.fork()
         if pid:
             conn.pid = pid
             with self.hub.registry.lock:
                 self.hub.registry.children[pid] = conn
-            conn.log.debug("conn.open", pid=pid)
+            if logs.enabled(logs.DEBUG):
+                conn.log.debug("conn.open")
             return
         # Child: this must never return, hence os._exit().
         status = 1
         try:
             self._become_child(conn)
-            conn.log = conn.log.bind(pid=os.getpid())
+            conn.pid = os.getpid()
+            conn.log = None
             try:
                 self.finish_request(request, client_address)
                 status = 0
+            except _PEER_GONE:
+                status = _EXIT_PEER_GONE
             except Exception:
                 self.handle_error(request, client_address)
             finally:
@@ -632,7 +702,7 @@ def finish_child(registry: Registry, pid: int, status: int) -> None:
     stats = tcp_stats(conn.sock)
     with contextlib.suppress(OSError):
         conn.sock.close()
-    extra: dict[str, Any] = {"pid": pid}
+    extra: dict[str, Any] = {}
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         name = signal.Signals(sig).name if sig in signal.Signals.__members__.values() else str(sig)
@@ -640,13 +710,13 @@ def finish_child(registry: Registry, pid: int, status: int) -> None:
         extra["signal"] = name
         with registry.lock:
             registry.counters.children_killed += 1
-        conn.log.warning("child.exited", pid=pid, signal=name)
+        conn.log.warning("child.exited", signal=name)
     else:
         code = os.WEXITSTATUS(status)
-        ended = conn.close_reason or ("closed" if code == 0 else "error")
-        if code not in (0, 1):
+        ended = conn.close_reason or _ENDED_BY_EXIT.get(code, "error")
+        if code not in _ENDED_BY_EXIT:
             extra["exit_status"] = code
-            conn.log.warning("child.exited", pid=pid, exit_status=code)
+            conn.log.warning("child.exited", exit_status=code)
     if registry.remove(conn, stats, error=ended == "error"):
         log_close(conn, stats, ended, **extra)
 

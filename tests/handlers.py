@@ -171,3 +171,25 @@ class LineEcho(SockdHandler):
             if not line:
                 return
             self.request.sendall(line)
+
+
+class Picky(SockdHandler):
+    """Declares what its options must be; sockd checks them when the config is loaded."""
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> list[str]:
+        if not isinstance(options.get("root"), str):
+            return ['root: expected a directory path, e.g. root = "/srv/files"']
+        return []
+
+    def handle(self) -> None:
+        self.request.sendall(str(self.options["root"]).encode())
+
+
+class Chatter(SockdHandler):
+    """Writes a lot without reading: a client that hangs up makes sendall fail."""
+
+    def handle(self) -> None:
+        self.log.info("test.blocked")
+        while True:
+            self.request.sendall(b"x" * 65536)

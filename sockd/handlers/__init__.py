@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Callable
-from typing import Any, ClassVar, Final, TypeVar
-
-import structlog
+from typing import Any, ClassVar, Final, TypeVar, overload
 
 from sockd.server import SockdHandler
 
@@ -40,7 +37,11 @@ class EchoHandler(SockdHandler):
             sendall(data)
 
 
-def action(fn: F | None = None, *, name: str | None = None) -> Any:
+@overload
+def action(fn: F, *, name: str | None = None) -> F: ...
+@overload
+def action(fn: None = None, *, name: str | None = None) -> Callable[[F], F]: ...
+def action(fn: F | None = None, *, name: str | None = None) -> F | Callable[[F], F]:
     """Mark a method of a ``JSONActionHandler`` subclass as callable by clients.
 
     ``@action`` exposes it under its own name, ``@action(name="get-file")`` under another.
@@ -51,6 +52,10 @@ def action(fn: F | None = None, *, name: str | None = None) -> Any:
         return method
 
     return mark(fn) if fn is not None else mark
+
+
+def _no_constants(token: str) -> Any:
+    raise ValueError(f"{token} is not JSON")
 
 
 class ActionError(Exception):
@@ -75,9 +80,15 @@ class JSONActionHandler(SockdHandler):
 
     actions: ClassVar[dict[str, str]] = {}
     max_line_bytes: ClassVar[int] = 65536
-    options: dict[str, Any] = {}  # noqa: RUF012  # replaced per connection by sockd
-    log: Any = structlog.get_logger()
-    draining: threading.Event = threading.Event()
+    rfile: Any
+    line_limit: int
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> list[str]:
+        limit = options.get("max_line_bytes", cls.max_line_bytes)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            return [f"max_line_bytes: expected a positive integer, got {limit!r}"]
+        return []
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -124,7 +135,7 @@ class JSONActionHandler(SockdHandler):
 
     def dispatch_line(self, line: bytes) -> None:
         try:
-            request = json.loads(line)
+            request = json.loads(line, parse_constant=_no_constants)
         except (ValueError, RecursionError) as exc:
             self.reply_error("bad_json", f"request is not valid JSON: {_short(exc)}")
             return
@@ -157,8 +168,8 @@ class JSONActionHandler(SockdHandler):
         if request_id is not None:
             body["id"] = request_id
         try:
-            data = json.dumps(body, default=str).encode() + b"\n"
-        except (ValueError, RecursionError):
+            data = json.dumps(body, default=str, allow_nan=False).encode() + b"\n"
+        except (ValueError, RecursionError):  # NaN/Infinity, or nesting too deep
             data = _UNSERIALISABLE
         self.request.sendall(data)
 

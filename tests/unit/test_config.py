@@ -166,3 +166,30 @@ def test_readme_reference_table_matches_declaration() -> None:
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- settings:begin -->\n", 1)[1].split("<!-- settings:end -->", 1)[0]
     assert block == config.reference_table()
+
+
+def test_handler_check_options_problems_are_config_errors() -> None:
+    """A handler's check_options() findings become server.handler_options errors."""
+    problems = problems_of({"server": {"handler": "tests.handlers:Picky"}})
+    assert problems == [
+        'server.handler_options: root: expected a directory path, e.g. root = "/srv/files"'
+    ]
+    ok = from_mapping(
+        {"server": {"handler": "tests.handlers:Picky", "handler_options": {"root": "/srv"}}}
+    )
+    assert ok.server.handler_options == {"root": "/srv"}
+
+
+def test_json_action_handler_checks_max_line_bytes() -> None:
+    """JSONActionHandler rejects a max_line_bytes that is not a positive integer."""
+    problems = problems_of(
+        {
+            "server": {
+                "handler": "tests.handlers:Calculator",
+                "handler_options": {"max_line_bytes": 0},
+            }
+        }
+    )
+    assert problems == [
+        "server.handler_options: max_line_bytes: expected a positive integer, got 0"
+    ]

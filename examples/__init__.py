@@ -1,0 +1,1 @@
+"""Worked examples of handlers that sockd runs (importable as ``examples.<name>``)."""
