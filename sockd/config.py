@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+import json
 import os
 import socketserver
 import tomllib
@@ -141,11 +142,16 @@ class Setting:
         return self.key.rsplit(".", 1)[1]
 
 
+def _q(text: str) -> str:
+    """A string quoted and escaped for one-line messages (newlines, control characters)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _describe(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f'"{value}"'
+        return _q(value)
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):
@@ -241,7 +247,7 @@ def _networks(value: Any) -> tuple[Network, ...]:
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise Invalid(f'expected CIDR networks like "10.0.0.0/8", got "{item}"') from None
+            raise Invalid(f'expected CIDR networks like "10.0.0.0/8", got {_q(item)}') from None
     return tuple(networks)
 
 
@@ -273,7 +279,7 @@ def _log_output(value: Any) -> str:
     if not os.path.isdir(parent):
         raise Invalid(
             f'expected "stdout", "stderr", "journald" or a file path in an existing '
-            f'directory, got "{text}" ({parent} does not exist)'
+            f"directory, got {_q(text)} ({_q(parent)} does not exist)"
         )
     return text
 
@@ -446,19 +452,19 @@ def import_handler(path: str) -> type[socketserver.BaseRequestHandler]:
     """Import ``"package.module:Class"``; raise ``Invalid`` saying why it is unusable."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise Invalid(f'expected "package.module:ClassName", got "{path}"')
+        raise Invalid(f'expected "package.module:ClassName", got {_q(path)}')
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is a config error
-        raise Invalid(f'cannot import module "{module_name}": {exc}') from None
+        raise Invalid(f"cannot import module {_q(module_name)}: {_q(str(exc))[1:-1]}") from None
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise Invalid(f'module "{module_name}" has no attribute "{attr}"') from None
+            raise Invalid(f"module {_q(module_name)} has no attribute {_q(attr)}") from None
     if not isinstance(obj, type) or not issubclass(obj, socketserver.BaseRequestHandler):
-        raise Invalid(f'"{path}" is not a socketserver.BaseRequestHandler subclass')
+        raise Invalid(f"{_q(path)} is not a socketserver.BaseRequestHandler subclass")
     return obj
 
 
@@ -480,13 +486,19 @@ def _check_cross(values: Mapping[str, Any], problems: list[str]) -> None:
         problems.append("control.read_group: must differ from control.group")
 
 
+def _key(name: str) -> str:
+    """A TOML key as written in a dotted path: bare if it can be, else quoted."""
+    bare = name and all(c.isascii() and (c.isalnum() or c in "-_") for c in name)
+    return name if bare else _q(name)
+
+
 def from_mapping(data: Mapping[str, Any], path: str | None = None) -> Config:
     """Validate a parsed TOML document; raise ``ConfigError`` listing every problem."""
     problems: list[str] = []
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in SECTIONS:
-            problems.append(f"{key}: unknown section (expected one of {', '.join(SECTIONS)})")
+            problems.append(f"{_key(key)}: unknown section (expected one of {', '.join(SECTIONS)})")
         elif not isinstance(value, dict):
             problems.append(f"{key}: expected a table, got {_describe(value)}")
     for section in SECTIONS:
@@ -497,7 +509,7 @@ def from_mapping(data: Mapping[str, Any], path: str | None = None) -> Config:
             key = f"{section}.{name}"
             if key not in SETTINGS_BY_KEY:
                 known = ", ".join(s.name for s in SETTINGS if s.section == section)
-                problems.append(f"{key}: unknown key (known keys: {known})")
+                problems.append(f"{section}.{_key(name)}: unknown key (known keys: {known})")
     for setting in SETTINGS:
         table = data.get(setting.section, {})
         raw = table.get(setting.name, setting.default) if isinstance(table, dict) else None
@@ -531,6 +543,8 @@ def parse_text(text: str, path: str | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"TOML syntax error: {exc}"], path) from None
+    except (ValueError, RecursionError) as exc:  # digit limit, nesting too deep
+        raise ConfigError([f"TOML syntax error: {type(exc).__name__}: {exc}"], path) from None
     return from_mapping(data, path)
 
 
@@ -541,6 +555,8 @@ def load(path: str) -> Config:
             raw = fh.read()
     except OSError as exc:
         raise ConfigError([f"cannot read config file: {exc.strerror}"], path) from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise ConfigError([f"cannot read config file: {exc}"], path) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

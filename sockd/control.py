@@ -467,9 +467,24 @@ def _connections(backend: ControlBackend, request: _Request) -> _Answer:
     return _ok({"connections": backend.connections()})
 
 
+_HTTP_VERSION: Final = re.compile(r"HTTP/[0-9]\.[0-9]")
+
+
+def _small_number(text: str) -> bool:
+    """ASCII digits, few enough that int() is cheap and within Python's digit limit."""
+    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _close_connection(backend: ControlBackend, request: _Request) -> _Answer:
     text = request.param or ""
-    if not (text.isascii() and text.isdigit()):
+    if not _small_number(text):
         raise _HTTPError(
             ErrorCode.BAD_REQUEST, f"connection id must be a non-negative integer, got {text!r}"
         )
@@ -501,7 +516,7 @@ def _stop(backend: ControlBackend, request: _Request) -> _Answer:
     raw = _fields(request, {"timeout": False}).get("timeout")
     timeout: float | None = None
     if raw is not None:
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not _finite(raw):
             raise _HTTPError(
                 ErrorCode.BAD_REQUEST, f"'timeout' must be a number of seconds, got {raw!r}"
             )
@@ -552,7 +567,7 @@ def _logs(backend: ControlBackend, request: _Request) -> _Answer:
             raise _HTTPError(ErrorCode.BAD_REQUEST, f"query parameter {name!r} given twice")
         seen[name] = value
     n_text = seen.get("n", "100")
-    if not (n_text.isascii() and n_text.isdigit()) or int(n_text) > LOGS_MAX_N:
+    if not _small_number(n_text) or int(n_text) > LOGS_MAX_N:
         raise _HTTPError(
             ErrorCode.BAD_REQUEST, f"n must be an integer from 0 to {LOGS_MAX_N}, got {n_text!r}"
         )
@@ -686,7 +701,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 if self.response_status is None:
                     raise _HTTPError(ErrorCode.BAD_REQUEST, "empty request line")
                 return
-            target = urlsplit(self.path)
+            try:
+                target = urlsplit(self.path)
+            except ValueError:
+                raise _HTTPError(ErrorCode.BAD_REQUEST, "malformed request target") from None
             self.target = target.path
             self._check_head()
             self._dispatch(self.command, target.path, target.query)
@@ -694,8 +712,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_error(error)
 
     def _check_head(self) -> None:
-        if self.request_version == "HTTP/0.9":
-            raise _HTTPError(ErrorCode.BAD_REQUEST, "HTTP/0.9 requests are not supported")
+        if not _HTTP_VERSION.fullmatch(self.request_version) or self.request_version in (
+            "HTTP/0.9",
+            "HTTP/0.8",
+        ):
+            raise _HTTPError(ErrorCode.BAD_REQUEST, "only HTTP/1.0 and HTTP/1.1 are supported")
         headers = self.headers
         if headers.defects or headers.get_payload():
             raise _HTTPError(ErrorCode.BAD_REQUEST, "malformed header line")
@@ -732,7 +753,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if not values:
             return 0
         text = values.pop()
-        if values or not (text.isascii() and text.isdigit()):
+        if values or not _small_number(text):
             raise _HTTPError(ErrorCode.BAD_REQUEST, "invalid Content-Length header")
         length = int(text)
         if length > MAX_REQUEST_BODY:
@@ -756,7 +777,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return {}
         try:
             body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise _HTTPError(
                 ErrorCode.BAD_REQUEST, f"request body is not valid JSON: {exc}"
             ) from None

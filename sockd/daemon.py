@@ -673,7 +673,7 @@ class Daemon:
         if level not in LOG_LEVELS:
             raise ValueError(f"unknown level {level!r}")
         previous = self.logs.set_level(level)
-        self.log.warning("log.level_changed", level=level, previous=previous)
+        self.log.warning("log.level_changed", new_level=level, previous_level=previous)
         return {"level": level, "previous": previous}
 
     def reopen_logs(self) -> dict[str, Any]:

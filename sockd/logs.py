@@ -110,9 +110,7 @@ class Sink:
     def __init__(self, target: str) -> None:
         self.target = target
         self.fd = self._open(target)
-        self._journal: Any = None
-        if target == "journald":
-            self._journal = _journal_writer()
+        self._journal: Any = _journal_for(target)
 
     @staticmethod
     def _open(target: str) -> int:
@@ -136,7 +134,7 @@ class Sink:
             os.dup2(fresh, self.fd, inheritable=False)
         finally:
             os.close(fresh)
-        self._journal = _journal_writer() if target == "journald" else None
+        self._journal = _journal_for(target)
         self.target = target
 
     def reopen(self) -> None:
@@ -171,6 +169,25 @@ class Sink:
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
 
 
+def _journal_for(target: str) -> Any:
+    """A journal writer for "journald", and for stdout/stderr when they are the journal.
+
+    Under systemd, stdout usually is a journal stream (``$JOURNAL_STREAM``); writing
+    native entries there instead of text lines keeps every field searchable
+    (``journalctl SOCKD_EVENT=conn.close``) and avoids a second timestamp.
+    """
+    if target == "journald":
+        return _journal_writer()
+    if target in ("stdout", "stderr"):
+        from sockd.systemd import journal_stream_matches
+
+        fd = 1 if target == "stdout" else 2
+        if journal_stream_matches((fd,)):
+            with contextlib.suppress(OSError):
+                return _journal_writer()
+    return None
+
+
 def _journal_writer() -> Any:
     from sockd.systemd import JournalWriter  # only needed for journald output
 
@@ -187,14 +204,19 @@ def _journal_fields(_: Any, method: str, event_dict: MutableMapping[str, Any]) -
     level = event_dict.pop("level", method)
     event_dict.pop("timestamp", None)  # the journal stamps entries itself
     event = str(event_dict.get("event", ""))
-    rest = " ".join(f"{k}={v}" for k, v in event_dict.items() if k not in ("event", "exception"))
+    rest = " ".join(
+        f"{k}={v if isinstance(v, str) else _ENCODE(v)}"
+        for k, v in event_dict.items()
+        if k not in ("event", "exception")
+    )
     fields = {
         "MESSAGE": f"{event} {rest}".strip(),
         "PRIORITY": _SYSLOG_PRIORITY.get(level_number(str(level)), "6"),
         "SYSLOG_IDENTIFIER": "sockd",
     }
     for key, value in event_dict.items():
-        fields["SOCKD_" + key.upper()] = str(value)
+        text = value if isinstance(value, str) else _ENCODE(value)
+        fields["SOCKD_" + key.upper()] = text
     if "exception" in event_dict:
         fields["MESSAGE"] += "\n" + str(event_dict["exception"])
     return {"fields": fields}
@@ -352,6 +374,9 @@ class LogSystem:
             "event": event_dict.pop("event", None),
         }
         event.update(event_dict)
+        if "level" in event_dict or "timestamp" in event_dict:  # never let a field forge them
+            event["level"] = "error" if method == "exception" else method
+            event["timestamp"] = iso_now()
         if "exc_info" in event:
             event = structlog.processors.format_exc_info(logger, method, event)
         self.ring.add(dict(event), number)

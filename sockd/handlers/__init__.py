@@ -58,6 +58,13 @@ def _no_constants(token: str) -> Any:
     raise ValueError(f"{token} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 class ActionError(Exception):
     """Raise from an action to answer the client with an error (no traceback logged)."""
 
@@ -135,7 +142,7 @@ class JSONActionHandler(SockdHandler):
 
     def dispatch_line(self, line: bytes) -> None:
         try:
-            request = json.loads(line, parse_constant=_no_constants)
+            request = json.loads(line, parse_constant=_no_constants, parse_float=_finite_float)
         except (ValueError, RecursionError) as exc:
             self.reply_error("bad_json", f"request is not valid JSON: {_short(exc)}")
             return
