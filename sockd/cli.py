@@ -67,6 +67,10 @@ def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None
 
         try:
             sys.exit(run_detached(config, pidfile))
+        except ConfigError as exc:
+            for problem in exc.problems:
+                click.echo(f"sockd: {config_path}: {problem}", err=True)
+            sys.exit(ExitCode.CONFIG)
         except SockdError as exc:
             _fail(str(exc), ExitCode.FAILURE)
     from sockd.daemon import Daemon

@@ -153,6 +153,19 @@ class SockdProcess:
                     )
                 self._cond.wait(min(remaining, 0.2))
 
+    def wait_line(self, predicate: Callable[[str], bool], timeout: float = DEADLINE) -> str:
+        """The first raw output line matching ``predicate`` (for non-JSON formats)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.raw_lines:
+                    if predicate(line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(f"no matching line; last lines={self.raw_lines[-15:]!r}")
+                self._cond.wait(min(remaining, 0.2))
+
     def all(self, event: str) -> list[dict[str, Any]]:
         with self._cond:
             return [e for e in self.events if e.get("event") == event]

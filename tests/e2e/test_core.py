@@ -386,3 +386,21 @@ def test_json_action_handler_over_real_socket(sockd_factory: Any, short_tmp: Pat
     error = proc.wait_for("handler.error")
     assert error["action"] == "fail"
     assert "action failed on purpose" in error["exception"]
+
+
+def test_logfmt_and_console_formats(sockd_factory: Any, short_tmp: Path) -> None:
+    """logfmt gives key=value lines; console gives readable uncoloured lines off a terminal."""
+    for fmt in ("logfmt", "console"):
+        config = base_config(short_tmp)
+        config["logging"]["format"] = fmt
+        proc = sockd_factory(config, name=f"{fmt}.toml")
+        line = proc.wait_line(lambda x: "server.listening" in x)
+        if fmt == "logfmt":
+            assert line.startswith("timestamp=")
+            assert "level=info" in line and "event=server.listening" in line
+            assert "address=127.0.0.1:" in line
+        else:
+            assert "server.listening" in line and "address=127.0.0.1:" in line
+            assert "\x1b[" not in line  # no colour codes when not a terminal
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit() == 0
