@@ -14,15 +14,14 @@ runs derandomized without an example database, so CI is reproducible; set
 ``SOCKD_FUZZ_SCALE`` (a multiplier of the example counts) for a longer local run
 and ``SOCKD_FUZZ_RANDOM=1`` to explore beyond the fixed examples.
 
-Inputs that hit a known bug are kept out of the general fuzz by ``known_bug()`` and
-pinned by strict-xfail tests at the end, so the fuzz guards everything else meanwhile;
-when a bug is fixed its xfail starts passing (and fails as strict): drop both.
+Inputs that once got a 500 (numbers past Python's 4300-digit ``int()`` limit, bodies
+nested past the recursion limit, a stop timeout beyond a float, an unbalanced IPv6
+authority, versions like ``HTTP/-1.1``) are in the general fuzz and also pinned by the
+regression tests at the end.
 """
 
 from __future__ import annotations
 
-import http.server
-import io
 import json
 import math
 import os
@@ -82,6 +81,8 @@ ROUTES: dict[str, frozenset[str]] = {
 }
 CONNECTION_PREFIX = "/v1/connections/"
 LIFECYCLE = ("/v1/stop", "/v1/reload")
+#: Digit counts, with extra weight around Python's int() limit (4300 digits).
+DIGIT_COUNTS = st.integers(1, 6000) | st.integers(4290, 4310)
 #: Levels the fuzz may set: control.error (our 5xx witness in the log) stays visible.
 FUZZ_LEVELS = ("debug", "info", "warning", "error")
 MAX_BODY = 64 * 1024
@@ -263,33 +264,6 @@ def routed(target: bytes) -> bool:
     except ValueError:
         return False
     return path in ROUTES or path.startswith(CONNECTION_PREFIX)
-
-
-#: Python refuses int() of more than 4300 digits (sys.get_int_max_str_digits()).
-LONG_DIGITS = re.compile(rb"\d{4301,}")
-#: A JSON integer too large for a float (math.isfinite raises OverflowError).
-HUGE_TIMEOUT = re.compile(rb'"timeout"\s*:\s*-?\d{310,}')
-
-
-def target_of(raw: bytes) -> str | None:
-    """The request target as http.server reads it from the request line."""
-    words = raw.split(b"\n", 1)[0].decode("latin-1").split()
-    if len(words) < 2:
-        return None
-    target = words[1]
-    return "/" + target.lstrip("/") if target.startswith("//") else target
-
-
-def known_bug(raw: bytes) -> bool:
-    """Inputs that hit a bug pinned by a strict xfail below; the general fuzz skips them."""
-    if LONG_DIGITS.search(raw) or HUGE_TIMEOUT.search(raw) or b"[" * 500 in raw:
-        return True
-    target = target_of(raw)
-    try:
-        urlsplit(target or "")
-    except ValueError:
-        return True
-    return False
 
 
 def lifecycle_safe(raw: bytes) -> bool:
@@ -498,6 +472,12 @@ bad_versions = st.sampled_from(
         b"HTTP/0.9",
         b"HTTX/1.1",
         b"HTTP/12345678901.1",
+        b"HTTP/0.8",
+        # int() would take these (some Pythons' http.server accepted them): not DIGIT.DIGIT
+        b"HTTP/-1.1",
+        b"HTTP/+1.1",
+        b"HTTP/1.-1",
+        b"HTTP/0_1.1",
     ]
 )
 benign_versions = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"])
@@ -558,7 +538,7 @@ bad_lengths = st.one_of(
         lambda t: [str(t[0]).encode(), str(t[1]).encode()]
     ),
     st.integers(MAX_BODY + 1, 10**30).map(lambda n: [str(n).encode()]),
-    st.integers(6, 6000).map(lambda n: [b"9" * n]),
+    DIGIT_COUNTS.map(lambda n: [b"9" * max(n, 6)]),
 )
 bad_queries = st.one_of(
     st.sampled_from(
@@ -580,7 +560,7 @@ bad_queries = st.one_of(
         ]
     ),
     st.integers(6, 6000).map(lambda n: "n=" + "0" * n + "100001"),
-    st.integers(1, 6000).map(lambda n: "n=" + "9" * n),
+    DIGIT_COUNTS.map(lambda n: "n=" + "9" * n),
 )
 
 
@@ -594,7 +574,7 @@ def structured_requests(draw: st.DrawFn) -> tuple[bytes, str, str]:
         conn_id = draw(
             st.integers(0, 10**12).map(str)
             | st.text(max_size=6)
-            | st.integers(1, 6000).map(lambda n: "9" * n)
+            | DIGIT_COUNTS.map(lambda n: "9" * n)
         )
         request = Request(b"DELETE", b"/v1/connections/" + conn_id.encode())
         request.broken.append("no such connection")  # nothing is connected while we fuzz
@@ -817,8 +797,6 @@ def test_any_request_gets_a_2xx_or_4xx_answer(sockd_factory: Any, short_tmp: Pat
     @given(case=random_requests())
     def check(case: tuple[bytes, str, str]) -> None:
         raw, expect, _label = case
-        if known_bug(raw):
-            return
         check_answer(raw, exchange(ctl, raw), expect)
         assert proc.proc.poll() is None, f"the daemon exited after {raw[:300]!r}"
 
@@ -858,7 +836,7 @@ def test_reload_and_stop_accept_valid_bodies_and_refuse_the_rest(
     @settings(examples(60))
     @given(path=st.sampled_from(LIFECYCLE), body=wrong_bodies)
     def refused(path: str, body: bytes) -> None:
-        if body_accepted(path, body) or known_bug(body):
+        if body_accepted(path, body):
             return
         answer = call(ctl, "POST", path, body)
         check_answer(body, answer, "4xx")
@@ -878,52 +856,23 @@ def test_reload_and_stop_accept_valid_bodies_and_refuse_the_rest(
     assert proc.wait_exit() == 0
 
 
-KNOWN_BUGS = [
+#: Inputs that each got a 500 before its fix: now a 400 like any other malformed request.
+FORMER_BUGS = [
     pytest.param(
         b"GET /v1/status HTTP/1.1\r\nContent-Length: " + b"0" * 4301 + b"\r\n\r\n",
         id="content-length-4301-digits",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=(
-                "sockd/control.py _Handler._content_length(): int(text) on an all-digit "
-                "Content-Length of more than 4300 digits raises ValueError (Python's "
-                "int max str digits) -> 500 internal + control.error, instead of 400/413"
-            ),
-        ),
     ),
     pytest.param(
         b"DELETE /v1/connections/" + b"1" * 4301 + b" HTTP/1.1\r\n\r\n",
         id="connection-id-4301-digits",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=(
-                "sockd/control.py _close_connection(): int(text) on a connection id of more "
-                "than 4300 digits raises ValueError -> 500 internal, instead of 400/404"
-            ),
-        ),
     ),
     pytest.param(
         b"GET /v1/logs?n=" + b"0" * 4301 + b" HTTP/1.1\r\n\r\n",
         id="logs-n-4301-digits",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=(
-                "sockd/control.py _logs(): int(n_text) on an n of more than 4300 digits "
-                "raises ValueError -> 500 internal, instead of 400"
-            ),
-        ),
     ),
     pytest.param(
         b"PUT /v1/log-level HTTP/1.1\r\nContent-Length: 2000\r\n\r\n" + b"[" * 2000,
         id="deeply-nested-body",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=(
-                "sockd/control.py _Handler._read_body(): json.loads raises RecursionError on "
-                "a body nested ~1000 deep, which the except (UnicodeDecodeError, ValueError) "
-                "misses -> 500 internal, instead of 400"
-            ),
-        ),
     ),
     pytest.param(
         b"POST /v1/stop HTTP/1.1\r\nContent-Length: 323\r\n\r\n"
@@ -931,50 +880,14 @@ KNOWN_BUGS = [
         + b"0" * 309
         + b"}",
         id="stop-timeout-beyond-float",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=(
-                "sockd/control.py _stop(): math.isfinite(raw) raises OverflowError for a JSON "
-                "integer timeout >= 2**1024 (e.g. 10**309: 1 followed by 309 zeros) -> 500 "
-                "internal, instead of 400"
-            ),
-        ),
     ),
     pytest.param(
         b"GET http://[::1/v1/status HTTP/1.1\r\n\r\n",
         id="unbalanced-ipv6-authority",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason=(
-                "sockd/control.py _Handler._handle_request(): urlsplit(self.path) raises "
-                "ValueError('Invalid IPv6 URL') for a target like 'http://[::1/x' or "
-                "'//x]:1[' -> 500 internal, instead of 400"
-            ),
-        ),
     ),
 ]
 
 
-def _stdlib_accepts_signed_versions() -> bool:
-    """Whether this Python's http.server takes "HTTP/-1.1" for a version (3.11.2 does)."""
-    handler: Any = http.server.BaseHTTPRequestHandler.__new__(http.server.BaseHTTPRequestHandler)
-    handler.raw_requestline = b"GET / HTTP/-1.1\r\n"
-    handler.rfile, handler.wfile = io.BytesIO(b"\r\n"), io.BytesIO()
-    handler.client_address, handler.request_version = ("test", 0), "HTTP/0.9"
-    handler.log_message = lambda *args: None
-    return bool(handler.parse_request())
-
-
-@pytest.mark.xfail(
-    _stdlib_accepts_signed_versions(),
-    strict=True,
-    reason=(
-        "sockd/control.py _Handler._check_head() rejects only 'HTTP/0.9' and otherwise "
-        "trusts http.server.parse_request(), which on this Python parses the version with "
-        "int() and so accepts 'HTTP/-1.1', 'HTTP/+1.1', 'HTTP/1.-1' and 'HTTP/0_1.1' "
-        "(answered 200); RFC 9112 allows only DIGIT '.' DIGIT"
-    ),
-)
 @pytest.mark.parametrize("version", [b"HTTP/-1.1", b"HTTP/+1.1", b"HTTP/1.-1", b"HTTP/0_1.1"])
 def test_malformed_http_version_is_refused(
     sockd_factory: Any, short_tmp: Path, version: bytes
@@ -988,10 +901,9 @@ def test_malformed_http_version_is_refused(
     assert_still_serving(proc, address, ctl)
 
 
-@pytest.mark.parametrize("raw", KNOWN_BUGS)
-def test_known_bug_inputs_get_a_4xx(sockd_factory: Any, short_tmp: Path, raw: bytes) -> None:
-    """Inputs the general fuzz skips (see known_bug()) must get a 4xx JSON error too."""
+@pytest.mark.parametrize("raw", FORMER_BUGS)
+def test_former_bug_inputs_get_a_4xx(sockd_factory: Any, short_tmp: Path, raw: bytes) -> None:
+    """Inputs that once crashed a control request into a 500 get a 4xx JSON error."""
     proc, address, ctl = start(sockd_factory, short_tmp)
-    assert known_bug(raw)
     check_answer(raw, exchange(ctl, raw), "4xx")
     assert_still_serving(proc, address, ctl)
