@@ -7,7 +7,8 @@ and measures, alternating the two servers round by round so machine noise hits b
 - request rate: persistent connections, 64-byte messages, one in flight per connection;
 - connection rate: connect, one 64-byte exchange, close;
 - stop latency: SIGTERM to process exit on an idle server (sockd only).
-Prints each figure and the sockd/bare ratio. Targets: request rate >= 0.95, connection
+Prints each figure, the sockd/bare ratio, and the server CPU time per operation (less
+sensitive than rates to what else the machine is doing). Targets: request rate >= 0.95, connection
 rate >= 0.90, stop < 50 ms. Exit status 1 if a target is missed (``--no-fail`` to only report).
 
     .venv/bin/python bench/echo_bench.py [--seconds 3] [--rounds 3] [--clients 4]
@@ -101,15 +102,25 @@ def _connections(port: int, seconds: float, out: mp.Queue) -> None:  # type: ign
     out.put(count)
 
 
-def run_load(target: object, port: int, clients: int, seconds: float) -> float:
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(
+    target: object, port: int, clients: int, seconds: float, server_pid: int
+) -> tuple[float, float]:
+    """Operations per second, and the server's CPU microseconds per operation."""
     out: mp.Queue = mp.Queue()  # type: ignore[type-arg]
     procs = [mp.Process(target=target, args=(port, seconds, out)) for _ in range(clients)]
+    cpu_before = cpu_seconds(server_pid)
     for p in procs:
         p.start()
     total = sum(out.get(timeout=seconds + 30) for _ in procs)
+    cpu_used = cpu_seconds(server_pid) - cpu_before
     for p in procs:
         p.join(30)
-    return total / seconds
+    return total / seconds, cpu_used * 1e6 / max(total, 1)
 
 
 def stop_latency_ms(tmp: Path) -> float:
@@ -128,8 +139,8 @@ def main() -> int:
     parser.add_argument("--no-fail", action="store_true")
     args = parser.parse_args()
     results: dict[str, dict[str, list[float]]] = {
-        "bare": {"req": [], "conn": []},
-        "sockd": {"req": [], "conn": []},
+        "bare": {"req": [], "conn": [], "req_cpu": [], "conn_cpu": []},
+        "sockd": {"req": [], "conn": [], "req_cpu": [], "conn_cpu": []},
     }
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="skb") as tmpdir:
         tmp = Path(tmpdir)
@@ -138,12 +149,10 @@ def main() -> int:
             for name in order:
                 proc, port = start_bare() if name == "bare" else start_sockd(tmp)
                 try:
-                    results[name]["req"].append(
-                        run_load(_requests, port, args.clients, args.seconds)
-                    )
-                    results[name]["conn"].append(
-                        run_load(_connections, port, args.clients, args.seconds)
-                    )
+                    for metric, target in (("req", _requests), ("conn", _connections)):
+                        rate, cpu_us = run_load(target, port, args.clients, args.seconds, proc.pid)
+                        results[name][metric].append(rate)
+                        results[name][metric + "_cpu"].append(cpu_us)
                 finally:
                     proc.send_signal(signal.SIGTERM)
                     proc.wait(60)
@@ -163,6 +172,17 @@ def main() -> int:
         ratio = sockd / bare
         verdict = "OK" if ratio >= target else "MISSED"
         ok &= ratio >= target
+        rounds = "  ".join(
+            f"{b:.0f}/{s:.0f}"
+            for b, s in zip(results["bare"][metric], results["sockd"][metric], strict=True)
+        )
+        print(f"  {'rounds (bare/sockd)':26} {rounds}")
+        bare_cpu = statistics.median(results["bare"][metric + "_cpu"])
+        sockd_cpu = statistics.median(results["sockd"][metric + "_cpu"])
+        print(
+            f"  {'server CPU per op (us)':26} bare {bare_cpu:10.1f}   sockd {sockd_cpu:10.1f}   "
+            f"efficiency {bare_cpu / sockd_cpu:.3f} (bare CPU / sockd CPU)"
+        )
         print(
             f"  {label:26} bare {bare:10.0f}   sockd {sockd:10.0f}   "
             f"ratio {ratio:.3f}  (target >= {target}) {verdict}"

@@ -41,15 +41,14 @@ from sockd import logs
 from sockd.config import Address, Network, ServerConfig
 
 #: Offsets into Linux's ``struct tcp_info`` (stable ABI: fields are only ever appended).
-_TCPI_LAST_DATA_RECV: Final = 52
-_TCPI_BYTES_RECEIVED: Final = 128
-_TCPI_NOTSENT_BYTES: Final = 144
-_TCPI_BYTES_SENT: Final = 200  # Linux >= 4.19; with bytes_retrans right after it
 _TCPI_LEN: Final = 216
 _TCPI_LEN_OLD: Final = 136
 _TCPI_BYTES_ACKED: Final = 120
 
-ACCEPT_BATCH: Final = 64
+#: Connections accepted per readiness event. One, as socketserver does: when more are
+#: pending, epoll reports the socket ready again at once, while a speculative second
+#: accept() that fails with EAGAIN costs a syscall and an exception on every connection.
+ACCEPT_BATCH: Final = 1
 _Socket = socket.socket  # inside listener classes, "socket" is the listening socket attribute
 BACKOFF_MIN: Final = 0.05
 BACKOFF_MAX: Final = 1.0
@@ -62,24 +61,28 @@ class TrafficStats:
     idle_ms: int = 0
 
 
+#: state @0, last_data_recv @52, bytes_received @128, notsent_bytes @144,
+#: bytes_sent @200, bytes_retrans @208: one unpack for everything we read.
+_TCPI_FIELDS: Final = struct.Struct("=B51xI72xQ8xI52xQQ")
+_TCPI_FIELDS_OLD: Final = struct.Struct("=B51xI72xQ")
+
+
 def tcp_stats(sock: socket.socket) -> TrafficStats | None:
     """Bytes received and written so far, and ms since data last arrived, from TCP_INFO."""
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
     except (OSError, AttributeError):
         return None
-    if len(info) < _TCPI_LEN_OLD:
-        return None
-    (idle_ms,) = struct.unpack_from("I", info, _TCPI_LAST_DATA_RECV)
-    (received,) = struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)
-    if received and _peer_fin_received(sock, info[0]):
-        received -= 1  # the peer's FIN takes a sequence number; it is not a byte
     if len(info) >= _TCPI_LEN:
-        sent, retrans = struct.unpack_from("QQ", info, _TCPI_BYTES_SENT)
-        (notsent,) = struct.unpack_from("I", info, _TCPI_NOTSENT_BYTES)
+        state, idle_ms, received, notsent, sent, retrans = _TCPI_FIELDS.unpack_from(info)
         written = sent - retrans + notsent
-    else:
+    elif len(info) >= _TCPI_LEN_OLD:
+        state, idle_ms, received = _TCPI_FIELDS_OLD.unpack_from(info)
         (written,) = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)
+    else:
+        return None
+    if received and _peer_fin_received(sock, state):
+        received -= 1  # the peer's FIN takes a sequence number; it is not a byte
     return TrafficStats(received, written, idle_ms)
 
 
