@@ -26,44 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procstat import children, pss_kb, threads
-
-REPO = Path(__file__).resolve().parent.parent
-
-BARE_SERVER = """
-import socketserver
-from sockd.handlers import EchoHandler
-class Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 4096
-srv = Server(("127.0.0.1", 0), EchoHandler)
-print(srv.server_address[1], flush=True)
-srv.serve_forever()
-"""
-
-
-def start_bare() -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, cwd=REPO)
-    assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
-
-
-def start_sockd(tmp: Path, mode: str, max_children: int) -> tuple[subprocess.Popen[bytes], int]:
-    log = tmp / f"{mode}.log"
-    config = tmp / f"{mode}.toml"
-    config.write_text(
-        f'[server]\nlisten = ["127.0.0.1:0"]\nmode = "{mode}"\nrequest_queue_size = 4096\n'
-        f"max_children = {max_children}\n"
-        f'[logging]\nlevel = "info"\noutput = "{log}"\n[control]\nsocket = "{tmp}/{mode}.sock"\n'
-    )
-    proc = subprocess.Popen([sys.executable, "-m", "sockd", "--config", str(config)], cwd=REPO)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if log.exists() and '"server.listening"' in log.read_text():
-            line = next(x for x in log.read_text().splitlines() if '"server.listening"' in x)
-            return proc, int(line.split('"address": "')[1].split('"')[0].rsplit(":", 1)[1])
-        time.sleep(0.05)  # start-up polling
-    raise SystemExit("sockd did not start")
+from servers import start_bare, start_sockd
 
 
 def echo(sock: socket.socket) -> bool:
@@ -125,7 +88,11 @@ def main() -> int:
         tmp = Path(tmpdir)
         results = {}
         for name in ("bare", "sockd"):
-            proc, port = start_bare() if name == "bare" else start_sockd(tmp, "threading", 64)
+            proc, port = (
+                start_bare(4096)
+                if name == "bare"
+                else start_sockd(tmp, "t", request_queue_size=4096)
+            )
             try:
                 results[name] = measure_threading(name, proc, port, args.connections)
             finally:
@@ -137,7 +104,9 @@ def main() -> int:
             f"  sockd/bare memory per idle connection: {ratio:.2f} (target <= 1.25) "
             f"{'OK' if ok else 'MISSED'}"
         )
-        proc, port = start_sockd(tmp, "forking", args.children)
+        proc, port = start_sockd(
+            tmp, "f", mode="forking", max_children=args.children, request_queue_size=4096
+        )
         try:
             socks, held = hold(port, args.children, proc.pid, forking=True)
             kids = children(proc.pid)

@@ -24,54 +24,15 @@ import os
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import start_bare, start_sockd
+
 MESSAGE = b"x" * 64
-
-BARE_SERVER = """
-import socketserver, sys
-from sockd.handlers import EchoHandler
-class Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-srv = Server(("127.0.0.1", 0), EchoHandler)
-print(srv.server_address[1], flush=True)
-srv.serve_forever()
-"""
-
-
-def start_bare() -> tuple[subprocess.Popen[bytes], int]:
-    proc = subprocess.Popen([sys.executable, "-c", BARE_SERVER], stdout=subprocess.PIPE, cwd=REPO)
-    assert proc.stdout is not None
-    port = int(proc.stdout.readline())
-    return proc, port
-
-
-def start_sockd(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
-    log = tmp / "sockd.log"
-    log.unlink(missing_ok=True)
-    config = tmp / "bench.toml"
-    config.write_text(
-        '[server]\nlisten = ["127.0.0.1:0"]\nmode = "threading"\n'
-        '[logging]\nlevel = "info"\nformat = "json"\n'
-        f'output = "{log}"\n[control]\nsocket = "{tmp}/ctl.sock"\n'
-    )
-    proc = subprocess.Popen([sys.executable, "-m", "sockd", "--config", str(config)], cwd=REPO)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if log.exists():
-            for line in log.read_text().splitlines():
-                if '"server.listening"' in line:
-                    return proc, int(line.split('"address": "')[1].split('"')[0].rsplit(":", 1)[1])
-        time.sleep(0.02)  # polling a file for start-up, not a measurement
-    proc.kill()
-    raise SystemExit("sockd did not start")
 
 
 def _requests(port: int, seconds: float, out: mp.Queue) -> None:  # type: ignore[type-arg]
@@ -124,7 +85,7 @@ def run_load(
 
 
 def stop_latency_ms(tmp: Path) -> float:
-    proc, _ = start_sockd(tmp)
+    proc, _ = start_sockd(tmp, name="stop")
     began = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
     proc.wait(30)

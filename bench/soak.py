@@ -17,7 +17,6 @@ import argparse
 import multiprocessing as mp
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procstat import children, fds, rss_kb, threads
+from servers import start_sockd
 
-REPO = Path(__file__).resolve().parent.parent
 MESSAGE = b"s" * 64
 
 
@@ -42,23 +41,6 @@ def _client(port: int, count: int, done: mp.Value) -> None:  # type: ignore[type
                 got += len(chunk)
         with done.get_lock():
             done.value += 1
-
-
-def start(tmp: Path, mode: str) -> tuple[subprocess.Popen[bytes], int]:
-    log = tmp / f"{mode}.log"
-    config = tmp / f"{mode}.toml"
-    config.write_text(
-        f'[server]\nlisten = ["127.0.0.1:0"]\nmode = "{mode}"\nmax_children = 64\n'
-        f'[logging]\nlevel = "info"\noutput = "{log}"\n[control]\nsocket = "{tmp}/{mode}.sock"\n'
-    )
-    proc = subprocess.Popen([sys.executable, "-m", "sockd", "--config", str(config)], cwd=REPO)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if log.exists() and '"server.listening"' in log.read_text():
-            line = next(x for x in log.read_text().splitlines() if '"server.listening"' in x)
-            return proc, int(line.split('"address": "')[1].split('"')[0].rsplit(":", 1)[1])
-        time.sleep(0.05)  # start-up polling
-    raise SystemExit("sockd did not start")
 
 
 def sample(pid: int) -> dict[str, int]:
@@ -84,7 +66,7 @@ def settle(pid: int, baseline: dict[str, int], timeout: float = 30) -> dict[str,
 
 def soak(mode: str, total: int, clients: int) -> bool:
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="sks") as tmpdir:
-        proc, port = start(Path(tmpdir), mode)
+        proc, port = start_sockd(Path(tmpdir), mode, mode=mode, max_children=64)
         pid = proc.pid
         baseline = sample(pid)
         done = mp.Value("q", 0)

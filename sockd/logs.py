@@ -54,7 +54,7 @@ EVENTS: Final = {
     "control.error": "a control request failed inside sockd (bug): traceback",
     "control.listening": "the control socket accepts: path, mode, group, read_group",
     "control.closed": "the control socket was removed at stop",
-    "log.level_changed": "the log level was changed at run time",
+    "log.level_changed": "the log level was changed at run time: new_level, previous_level",
     "log.reopened": "the log file was reopened",
 }
 
@@ -92,6 +92,13 @@ def emit(number: int, event: str, fields: dict[str, Any]) -> None:
         structlog.get_logger().log(number, event, **fields)
         return
     active.emit(number, event, fields)
+
+
+def events_table() -> str:
+    """The README's event reference, generated from ``EVENTS``."""
+    rows = ["| event | meaning and fields |", "| --- | --- |"]
+    rows += [f"| `{name}` | {meaning} |" for name, meaning in EVENTS.items()]
+    return "\n".join(rows) + "\n"
 
 
 def level_number(name: str) -> int:

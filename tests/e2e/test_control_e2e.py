@@ -520,7 +520,8 @@ def test_log_level_debug_shows_conn_open(sockd_factory: Any, short_tmp: Path) ->
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("log level: info -> debug")
     changed = proc.wait_for("log.level_changed")
-    assert (changed["level"], changed["previous"]) == ("debug", "info")
+    assert (changed["new_level"], changed["previous_level"]) == ("debug", "info")
+    assert changed["level"] == "warning"  # the event's own severity, not the new level
     assert ctl_json(short_tmp, "status")["log_level"] == "debug"
     mark = proc.mark()
     with connect(address) as sock:

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +52,16 @@ PROJECT = Path(__file__).resolve().parents[2]
 PACKAGING = PROJECT / "packaging"
 #: The virtual environment the tests run from (sockd is installed editable there).
 VENV = Path(sys.prefix)
+#: Paths a hardened unit cannot see (PrivateTmp=, ProtectHome=).
+_SANDBOX_HIDDEN = (Path("/tmp"), Path("/var/tmp"), Path("/home"), Path("/root"), Path("/run/user"))
+
+
+def _hidden_by_sandbox(paths: Sequence[Path]) -> list[Path]:
+    """Which of ``paths`` lie where a hardened service's sandbox hides them."""
+    hidden = [p for p in dict.fromkeys(paths) if any(p.is_relative_to(h) for h in _SANDBOX_HIDDEN)]
+    return [p for p in hidden if not any(p != q and p.is_relative_to(q) for q in hidden)]
+
+
 VENV_BIN = VENV / "bin"
 VENV_PYTHON = VENV_BIN / "python"
 #: The install prefix the shipped unit files name; ``Box.install_unit_file`` swaps it.
@@ -538,9 +548,22 @@ class Box:
         return self.run("test", "-e", path).rc == 0
 
     def install_unit(self, name: str, text: str, *, reload: bool = True) -> str:
-        """Write a unit to /etc/systemd/system/``name`` and (by default) daemon-reload."""
+        """Write a unit to /etc/systemd/system/``name`` and (by default) daemon-reload.
+
+        A service also gets a drop-in that bind-mounts the checkout and its venv into the
+        service's own mount namespace: under /tmp, /home or /root (where CI or a developer
+        may have cloned it) the unit's sandbox (PrivateTmp=, ProtectHome=) would hide
+        them. Production installs live in /usr/local and need no such thing.
+        """
         path = f"/etc/systemd/system/{name}"
         self.write_file(path, text)
+        if name.endswith(".service") and "\n[Service]" in "\n" + text:
+            exposed = " ".join(str(p) for p in _hidden_by_sandbox((PROJECT, VENV)))
+            if exposed:
+                self.write_file(
+                    f"/etc/systemd/system/{name}.d/00-test-checkout.conf",
+                    f"[Service]\nBindReadOnlyPaths={exposed}\n",
+                )
         if reload:
             self.daemon_reload()
         return path

@@ -384,7 +384,7 @@ def test_watchdog_restarts_a_hung_daemon(packaged_box: Box) -> None:
     assert "Failed with result 'watchdog'" in text
     assert echo(box, "back\n") == "back\n"
     listening = entries(box, "SOCKD_EVENT=server.listening", f"_PID={after['ExecMainPID']}")
-    assert [e["SOCKD_INHERITED"] for e in listening] == ["True"]  # from the fd store
+    assert [e["SOCKD_INHERITED"] for e in listening] == ["true"]  # from the fd store
 
 
 # --- 5. graceful stop --------------------------------------------------------------------
@@ -449,7 +449,7 @@ def test_socket_activation_starts_the_service(packaged_box: Box) -> None:
     box.wait_for_state(UNIT, "active")
     assert box.unit_property(UNIT, "TriggeredBy") == SOCKET_UNIT
     [listening] = entries(box, "SOCKD_EVENT=server.listening")
-    assert listening["SOCKD_INHERITED"] == "True"
+    assert listening["SOCKD_INHERITED"] == "true"
     assert listening["SOCKD_ADDRESS"] == f"127.0.0.1:{PORT}"
     assert status(box)["listen"] == [f"127.0.0.1:{PORT}"]
 
@@ -490,6 +490,6 @@ def test_restart_under_load_refuses_no_connection(packaged_box: Box) -> None:
     assert len(set(pids)) == 3, pids
     for pid in pids[1:]:
         [listening] = entries(box, "SOCKD_EVENT=server.listening", f"_PID={pid}")
-        assert listening["SOCKD_INHERITED"] == "True"  # from the fd store
+        assert listening["SOCKD_INHERITED"] == "true"  # from the fd store
     assert box.unit_property(UNIT, "NFileDescriptorStore") == "1"
     assert box.unit_property(UNIT, "NRestarts") == "0"  # restarted on request, not crashed

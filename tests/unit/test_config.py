@@ -193,3 +193,12 @@ def test_json_action_handler_checks_max_line_bytes() -> None:
     assert problems == [
         "server.handler_options: max_line_bytes: expected a positive integer, got 0"
     ]
+
+
+def test_readme_event_table_matches_declaration() -> None:
+    """The README's log event table is exactly what sockd.logs.EVENTS generates."""
+    from sockd.logs import events_table
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- events:begin -->\n", 1)[1].split("<!-- events:end -->", 1)[0]
+    assert block == events_table()
