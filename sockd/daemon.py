@@ -586,8 +586,9 @@ class Daemon:
                     os.waitpid(pid, 0)
                 finish_child(self.registry, pid, signal.SIGKILL)
         for conn in self.registry.snapshot():
-            if self.registry.remove(conn, None):
+            if self.registry.claim(conn):
                 log_close(conn, None, "drain_deadline")
+                self.registry.remove(conn, None)
         return len(leftover)
 
     def _close_everything(self) -> None:

@@ -115,6 +115,7 @@ class Connection:
     __slots__ = (
         "_base_log",
         "_log",
+        "claimed",
         "close_reason",
         "handler_cls",
         "id",
@@ -150,6 +151,7 @@ class Connection:
         self.started_wall = time.time()
         self.pid: int | None = None
         self.close_reason: str | None = None
+        self.claimed = False
         self.handler_cls = handler_cls
         self.options = options
         self._base_log = base_log
@@ -244,6 +246,14 @@ class Registry:
             self.active[conn.id] = conn
             self.per_peer[conn.peer_key] = self.per_peer.get(conn.peer_key, 0) + 1
             self.counters.total += 1
+
+    def claim(self, conn: Connection) -> bool:
+        """True exactly once per connection: whoever gets it writes the conn.close line."""
+        with self.lock:
+            if conn.claimed:
+                return False
+            conn.claimed = True
+            return True
 
     def remove(self, conn: Connection, stats: TrafficStats | None, error: bool = False) -> bool:
         with self.lock:
@@ -585,8 +595,12 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
             self.shutdown_request(request)
             if conn.close_reason is not None:
                 ended = conn.close_reason
-            if self.hub.registry.remove(conn, stats, error=ended == "error"):
+            registry = self.hub.registry
+            if registry.claim(conn):
+                # The canonical line is written before the connection stops counting as
+                # active: whoever sees it gone can rely on its conn.close being out.
                 log_close(conn, stats, ended)
+                registry.remove(conn, stats, error=ended == "error")
 
 
 def log_close(conn: Connection, stats: TrafficStats | None, ended: str, **extra: Any) -> None:
@@ -720,8 +734,9 @@ def finish_child(registry: Registry, pid: int, status: int) -> None:
         if code not in _ENDED_BY_EXIT:
             extra["exit_status"] = code
             conn.log.warning("child.exited", exit_status=code)
-    if registry.remove(conn, stats, error=ended == "error"):
+    if registry.claim(conn):
         log_close(conn, stats, ended, **extra)
+        registry.remove(conn, stats, error=ended == "error")
 
 
 def bind_socket(address: Address, backlog: int, reuse_port: bool) -> socket.socket:

@@ -225,6 +225,9 @@ def test_log_level_reload_applies_live(sockd_factory: Any, short_tmp: Path) -> N
     with connect(address) as sock:
         sock.sendall(b"x")
         assert sock.recv(1) == b"x"
+    deadline = time.monotonic() + 10
+    while ctl.status()["connections"]["active"]:  # the server has finished with it
+        assert time.monotonic() < deadline
     ctl.set_log_level("info")  # its own event marks a point after the connection closed
     proc.wait_for("log.level_changed", start=mark)
     assert all(e["event"] != "conn.close" for e in proc.events[mark:])
