@@ -33,7 +33,8 @@ class SlowReply(SockdHandler):
     def handle(self) -> None:
         line = self.request.makefile("rb").readline()
         self.log.info("test.received", line=line.decode().strip())
-        time.sleep(float(self.options.get("delay", 0.5)))  # simulated work
+        delay = float(self.options.get("delay", 0.5))
+        time.sleep(delay)  # sleep-ok: simulated work in a test handler
         self.request.sendall(b"done:" + line)
 
 
@@ -52,7 +53,7 @@ class Stubborn(SockdHandler):
     def handle(self) -> None:
         self.log.info("test.blocked")
         while True:
-            time.sleep(0.05)  # simulated work that never finishes
+            time.sleep(0.05)  # sleep-ok: simulated work that never finishes
 
 
 class DrainAware(SockdHandler):

@@ -110,7 +110,7 @@ def poll_until(check: Callable[[], _T | None], what: str, timeout: float = DEADL
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)  # the poll period of a deadline-bound wait, not a guess at timing
+        time.sleep(0.01)  # sleep-ok: poll period of a deadline-bound wait
 
 
 def echo(sock: socket.socket, payload: bytes) -> None:

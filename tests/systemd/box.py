@@ -199,7 +199,7 @@ def wait_until(
                 f"timed out after {timeout:g}s waiting for {what}"
                 + (f"\n--- seen instead ---\n{seen}" if seen else "")
             )
-        time.sleep(_POLL)
+        time.sleep(_POLL)  # sleep-ok: the poll period of a deadline-bound wait_until()
 
 
 BindSpec = str | Path | tuple[str | Path, str | Path]
