@@ -51,6 +51,8 @@ def _exit_now(status: int) -> None:
 @click.version_option(__version__, prog_name="sockd")
 def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None) -> None:
     """Run a socketserver request handler as a production service."""
+    # Absolute, so a reload re-reads the same file after --daemon has changed to "/".
+    config_path = os.path.abspath(config_path)
     try:
         config = load(config_path)
     except ConfigError as exc:

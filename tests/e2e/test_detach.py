@@ -113,3 +113,27 @@ def test_stdout_logging_is_refused_when_detaching(short_tmp: Path) -> None:
     result = sockd("--daemon", "--config", str(path))
     assert result.returncode == 78
     assert "logging.output" in result.stderr
+
+
+def test_detached_daemon_reloads_a_relative_config_path(short_tmp: Path) -> None:
+    """Started with a relative --config, the detached daemon (cwd /) still reloads it."""
+    from sockctl.client import ControlClient
+
+    pidfile = short_tmp / "sockd.pid"
+    config_file(short_tmp)
+    result = subprocess.run(
+        [sys.executable, "-m", "sockd", "--daemon", "--pidfile", "sockd.pid", "--config", "d.toml"],
+        capture_output=True,
+        text=True,
+        cwd=short_tmp,
+        timeout=30,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 0, result.stderr
+    pid = int(pidfile.read_text())
+    client = ControlClient(str(short_tmp / "ctl.sock"))
+    assert client.status()["config_path"] == str(short_tmp / "d.toml")
+    assert client.reload()["result"] == "applied"
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid)
