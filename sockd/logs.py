@@ -395,7 +395,9 @@ class LogSystem:
         method = _NAMES[number]
         event: dict[str, Any] = {"timestamp": iso_now(), "level": method, "event": event_name}
         event.update(fields)
-        self.ring.add(dict(event), number)
+        # The JSON renderer leaves the dict alone, so the ring can keep this very dict;
+        # other renderers pop keys and get a copy.
+        self.ring.add(event if self._render is render_json else dict(event), number)
         rendered = self._render(None, method, event)
         if isinstance(rendered, dict):
             self.sink.msg(**rendered)

@@ -609,6 +609,8 @@ def log_close(conn: Connection, stats: TrafficStats | None, ended: str, **extra:
     Written through ``logs.emit`` (the same renderer, ring and sink as every event)
     without structlog's per-call context copying: it is on every connection's path.
     """
+    if not logs.enabled(logs.INFO):
+        return
     fields = conn.context()
     fields["duration_ms"] = round((time.monotonic() - conn.started) * 1000, 3)
     fields["bytes_in"] = stats.bytes_in if stats else None
