@@ -800,7 +800,6 @@ class Acceptor:
         self._last_accept_error_log = 0.0
         self._suppressed_accept_errors = 0
         self._next_watchdog = 0.0
-        self.loop_iterations = 0
         hub.listen_sockets = lambda: [lst.socket for lst in list(self.listeners.values())]
 
     @property
@@ -939,7 +938,6 @@ class Acceptor:
             self.hub.watchdog()
             self._next_watchdog = now + (self.hub.watchdog_interval or 1.0)
         self._sync_registration()
-        self.loop_iterations += 1
 
     def _accept(self, listener: Listener) -> None:
         for _ in range(ACCEPT_BATCH):
