@@ -464,6 +464,7 @@ class ListenerMixin:
     socket: _Socket
     RequestHandlerClass: Callable[..., socketserver.BaseRequestHandler]
     inherited: bool
+    _kind: tuple[int, int, int]
 
     def setup_listener(
         self, hub: Hub, address: Address, sock: _Socket | None, inherited: bool
@@ -477,6 +478,8 @@ class ListenerMixin:
         self.socket = sock
         bound = sock.getsockname()
         self.label = str(Address(address.host, bound[1]))
+        # Plain ints: the socket's family/type properties build enum members on every call.
+        self._kind = (int(sock.family), int(sock.type), sock.proto)
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -484,7 +487,7 @@ class ListenerMixin:
     # socketserver hooks -------------------------------------------------------------
     def get_request(self) -> tuple[ConnSocket, Any]:
         fd, addr = self.socket._accept()  # type: ignore[attr-defined]  # avoids a second socket object
-        sock = ConnSocket(self.socket.family, self.socket.type, self.socket.proto, fileno=fd)
+        sock = ConnSocket(*self._kind, fileno=fd)
         sock.sockd_conn = None
         return sock, addr
 
