@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import json
+import json.encoder
 import os
 import selectors
 import signal
@@ -609,19 +611,45 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
 def log_close(conn: Connection, stats: TrafficStats | None, ended: str, **extra: Any) -> None:
     """The canonical line: one per connection, with everything an operator needs.
 
-    Written through ``logs.emit`` (the same renderer, ring and sink as every event)
-    without structlog's per-call context copying: it is on every connection's path.
+    Written through the log system's renderer, ring and sink like every event, but
+    without structlog's per-call context copying; and with JSON output, rendered from a
+    template (every value's type is known here), since this runs for every connection.
     """
     if not logs.enabled(logs.INFO):
         return
+    duration_ms = round((time.monotonic() - conn.started) * 1000, 3)
+    bytes_in = stats.bytes_in if stats else None
+    bytes_out = stats.bytes_out if stats else None
+    sink = logs.json_line_sink() if not extra else None
+    if sink is not None and ended in _ENDED_LITERALS:
+        pid = f', "pid": {conn.pid}' if conn.pid is not None else ""
+        line = (
+            f'{{"timestamp": "{logs.iso_now()}", "level": "info", "event": "conn.close", '
+            f'"conn_id": {conn.id}, "peer_addr": {_json_str(conn.peer_addr)}, '
+            f'"peer_port": {conn.peer_port}, "listen": {_json_str(conn.listen)}{pid}, '
+            f'"duration_ms": {duration_ms!r}, "bytes_in": {_json_int(bytes_in)}, '
+            f'"bytes_out": {_json_int(bytes_out)}, "ended": "{ended}"}}'
+        )
+        sink.emit_line(logs.INFO, line)
+        return
     fields = conn.context()
-    fields["duration_ms"] = round((time.monotonic() - conn.started) * 1000, 3)
-    fields["bytes_in"] = stats.bytes_in if stats else None
-    fields["bytes_out"] = stats.bytes_out if stats else None
+    fields["duration_ms"] = duration_ms
+    fields["bytes_in"] = bytes_in
+    fields["bytes_out"] = bytes_out
     fields["ended"] = ended
     if extra:
         fields.update(extra)
     logs.emit(logs.INFO, "conn.close", fields)
+
+
+_ENDED_LITERALS: Final = frozenset(
+    {"closed", "error", "peer_gone", "kicked", "idle_timeout", "drain_deadline", "killed"}
+)
+_json_str = json.encoder.encode_basestring  # C: quotes and escapes one string
+
+
+def _json_int(value: int | None) -> str:
+    return "null" if value is None else str(value)
 
 
 #: The peer went away while the handler was using the socket: an ordinary end.
