@@ -23,20 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BARE = """
-import socketserver
-from sockd.handlers import EchoHandler
-class Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024
-srv = Server(("127.0.0.1", PORT), EchoHandler)
-try:
-    srv.serve_forever()
-except KeyboardInterrupt:
-    pass
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from servers import REPO, bare_command
 
 
 def _free_port() -> int:
@@ -50,10 +38,11 @@ def instructions(kind: str, connections: int, level: str) -> int:
     """Total instructions of one server process that served ``connections``."""
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="ski") as tmpdir:
         tmp = Path(tmpdir)
-        port = _free_port()
+        port = 0  # the bare server picks its own and prints it
         if kind == "bare":
-            cmd = [sys.executable, "-c", BARE.replace("PORT", str(port))]
+            cmd = bare_command()
         else:
+            port = _free_port()
             config = tmp / "s.toml"
             config.write_text(
                 f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
@@ -64,9 +53,12 @@ def instructions(kind: str, connections: int, level: str) -> int:
         proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *cmd],
             stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if kind == "bare" else subprocess.DEVNULL,
             cwd=REPO,
         )
+        if kind == "bare":
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
         deadline = time.monotonic() + 120
         while True:
             try:

@@ -22,14 +22,21 @@ class Server(socketserver.ThreadingTCPServer):
     request_queue_size = {backlog}
 srv = Server(("127.0.0.1", 0), EchoHandler)
 print(srv.server_address[1], flush=True)
-srv.serve_forever()
+try:
+    srv.serve_forever()
+except KeyboardInterrupt:  # SIGINT ends it cleanly (bench/instructions.py needs that)
+    pass
 """
+
+
+def bare_command(backlog: int = 1024) -> list[str]:
+    """The command running a bare server that prints its port on the first line."""
+    return [sys.executable, "-c", _BARE_SERVER.format(backlog=backlog)]
 
 
 def start_bare(backlog: int = 1024) -> tuple[subprocess.Popen[bytes], int]:
     """A bare ``socketserver.ThreadingTCPServer`` with the same backlog as sockd."""
-    code = _BARE_SERVER.format(backlog=backlog)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(bare_command(backlog), stdout=subprocess.PIPE, cwd=REPO)
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from typing import NoReturn
 
 import click
 
@@ -22,6 +23,13 @@ from sockd.protocol import ExitCode
 def _fail(message: str, code: int) -> None:
     click.echo(f"sockd: {message}", err=True)
     sys.exit(code)
+
+
+def _config_failed(error: ConfigError, config_path: str) -> NoReturn:
+    """Every problem on its own line, then EX_CONFIG (78)."""
+    for problem in error.problems:
+        click.echo(f"sockd: {config_path}: {problem}", err=True)
+    sys.exit(ExitCode.CONFIG)
 
 
 def _exit_now(status: int) -> None:
@@ -56,9 +64,7 @@ def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None
     try:
         config = load(config_path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"sockd: {config_path}: {problem}", err=True)
-        sys.exit(ExitCode.CONFIG)
+        _config_failed(exc, config_path)
     if check_config:
         click.echo(f"{config_path}: OK")
         sys.exit(ExitCode.OK)
@@ -70,9 +76,7 @@ def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None
         try:
             sys.exit(run_detached(config, pidfile))
         except ConfigError as exc:
-            for problem in exc.problems:
-                click.echo(f"sockd: {config_path}: {problem}", err=True)
-            sys.exit(ExitCode.CONFIG)
+            _config_failed(exc, config_path)
         except SockdError as exc:
             _fail(str(exc), ExitCode.FAILURE)
     from sockd.daemon import Daemon
@@ -81,9 +85,7 @@ def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None
         daemon = Daemon(config)
         _exit_now(daemon.run())
     except ConfigError as exc:
-        for problem in exc.problems:
-            click.echo(f"sockd: {config_path}: {problem}", err=True)
-        sys.exit(ExitCode.CONFIG)
+        _config_failed(exc, config_path)
     except SockdError as exc:
         _fail(str(exc), ExitCode.FAILURE)
     except OSError as exc:

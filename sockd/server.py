@@ -376,7 +376,7 @@ class AccessRules:
     def __init__(self, settings: ServerConfig) -> None:
         self.allow = [self._compile(n) for n in settings.allow]
         self.deny = [self._compile(n) for n in settings.deny]
-        self.v6_mask_bytes = settings.ipv6_prefix
+        self.v6_prefix_bits = settings.ipv6_prefix
         self.active = bool(self.allow or self.deny)
 
     @staticmethod
@@ -407,7 +407,7 @@ class AccessRules:
         if ":" not in host or (host.startswith("::ffff:") and "." in host):
             return host
         raw = socket.inet_pton(socket.AF_INET6, host.split("%", maxsplit=1)[0])
-        bits = self.v6_mask_bytes
+        bits = self.v6_prefix_bits
         value = int.from_bytes(raw, "big") >> (128 - bits) << (128 - bits)
         return value.to_bytes(16, "big")
 
@@ -467,6 +467,17 @@ class ListenerMixin:
     RequestHandlerClass: Callable[..., socketserver.BaseRequestHandler]
     inherited: bool
     _kind: tuple[int, int, int]
+
+    def __init__(
+        self, hub: Hub, address: Address, sock: _Socket | None = None, inherited: bool = False
+    ) -> None:
+        # The socketserver class after us in the MRO; its own socket is replaced at once
+        # by ours (bound here, inherited from systemd, or kept across a mode switch).
+        super().__init__(  # type: ignore[call-arg]
+            (address.host, address.port), hub.handler_cls, bind_and_activate=False
+        )
+        self.socket.close()
+        self.setup_listener(hub, address, sock, inherited)
 
     def setup_listener(
         self, hub: Hub, address: Address, sock: _Socket | None, inherited: bool
@@ -564,15 +575,6 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
-
-    def __init__(
-        self, hub: Hub, address: Address, sock: _Socket | None = None, inherited: bool = False
-    ) -> None:
-        socketserver.ThreadingTCPServer.__init__(
-            self, (address.host, address.port), hub.handler_cls, bind_and_activate=False
-        )
-        self.socket.close()
-        self.setup_listener(hub, address, sock, inherited)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         thread = threading.Thread(
@@ -674,15 +676,6 @@ class ForkingListener(ListenerMixin, socketserver.ForkingTCPServer):
 
     allow_reuse_address = True
     block_on_close = False
-
-    def __init__(
-        self, hub: Hub, address: Address, sock: _Socket | None = None, inherited: bool = False
-    ) -> None:
-        socketserver.ForkingTCPServer.__init__(
-            self, (address.host, address.port), hub.handler_cls, bind_and_activate=False
-        )
-        self.socket.close()
-        self.setup_listener(hub, address, sock, inherited)
 
     def service_actions(self) -> None:
         """Reaping is the daemon's job (on SIGCHLD), never a blocking wait in this loop."""
