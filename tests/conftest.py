@@ -166,6 +166,28 @@ class SockdProcess:
                     raise AssertionError(f"no matching line; last lines={self.raw_lines[-15:]!r}")
                 self._cond.wait(min(remaining, 0.2))
 
+    def wait_count(
+        self,
+        event: str,
+        count: int,
+        predicate: Callable[[dict[str, Any]], bool] = lambda e: True,
+        timeout: float = DEADLINE,
+    ) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` matching events arrived; return all of them."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [e for e in self.events if e.get("event") == event and predicate(e)]
+                if len(found) >= count:
+                    return found
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"{len(found)} of {count} {event!r} events within {timeout}s; "
+                        f"last lines={self.raw_lines[-10:]!r}"
+                    )
+                self._cond.wait(min(remaining, 0.2))
+
     def all(self, event: str) -> list[dict[str, Any]]:
         with self._cond:
             return [e for e in self.events if e.get("event") == event]

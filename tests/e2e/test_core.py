@@ -45,11 +45,7 @@ def test_echo_many_concurrent_clients(sockd_factory: Any, short_tmp: Path, mode:
     with concurrent.futures.ThreadPoolExecutor(40) as pool:
         results = list(pool.map(lambda _: echo_roundtrips(address, 25), range(40)))
     assert results == [25] * 40
-    proc.wait_for("conn.close", lambda e: True)
-    deadline = time.monotonic() + 10
-    while len(proc.all("conn.close")) < 40 and time.monotonic() < deadline:
-        proc.wait_for("conn.close", start=proc.mark() - 1, timeout=2)
-    closes = proc.all("conn.close")
+    closes = proc.wait_count("conn.close", 40)
     assert len(closes) == 40
     assert all(e["bytes_in"] == 25 * 64 and e["bytes_out"] == 25 * 64 for e in closes)
     proc.signal(signal.SIGTERM)
@@ -66,11 +62,7 @@ def test_several_listen_addresses(sockd_factory: Any, short_tmp: Path) -> None:
     assert {a[0] for a in addresses} == {"127.0.0.1", "127.0.0.2", "::1"}
     for address in addresses:
         assert echo_roundtrips(address, 3) == 3
-    listens = {e["listen"] for e in proc.all("conn.close")}
-    deadline = time.monotonic() + 10
-    while len(listens) < 3 and time.monotonic() < deadline:
-        proc.wait_for("conn.close", start=proc.mark() - 1, timeout=2)
-        listens = {e["listen"] for e in proc.all("conn.close")}
+    listens = {e["listen"] for e in proc.wait_count("conn.close", 3)}
     assert len(listens) == 3
 
 
@@ -246,10 +238,7 @@ def test_forking_reaps_every_child(sockd_factory: Any, short_tmp: Path) -> None:
     (address,) = proc.wait_ready()
     for _ in range(20):
         assert echo_roundtrips(address, 2) == 2
-    deadline = time.monotonic() + 10
-    while len(proc.all("conn.close")) < 20 and time.monotonic() < deadline:
-        proc.wait_for("conn.close", start=proc.mark() - 1, timeout=2)
-    assert len(proc.all("conn.close")) == 20
+    assert len(proc.wait_count("conn.close", 20)) == 20
     assert children_of(proc.pid) == []
     proc.signal(signal.SIGTERM)
     assert proc.wait_exit() == 0
