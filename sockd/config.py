@@ -84,6 +84,7 @@ class ServerConfig:
     allow: tuple[Network, ...]
     deny: tuple[Network, ...]
     max_children: int
+    max_spare_threads: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +385,13 @@ SETTINGS: tuple[Setting, ...] = (
         256,
         _integer(1, 65535),
         "Forking mode: child processes at most; further connections wait in the backlog.",
+    ),
+    Setting(
+        "server.max_spare_threads",
+        64,
+        _integer(0, 65535),
+        "Threading mode: finished connection threads kept (up to 60 s) to serve the next "
+        "connection instead of starting a thread; 0 starts one per connection.",
     ),
     Setting(
         "logging.level",

@@ -725,6 +725,16 @@ class Daemon:
                     counters.throttled,
                 ),
                 metrics.counter(
+                    "sockd_threads_started_total",
+                    "Threading mode: connection threads started (other connections reused one).",
+                    self.hub.workers.started,
+                ),
+                metrics.gauge(
+                    "sockd_threads_spare",
+                    "Threading mode: finished threads waiting to serve the next connection.",
+                    self.hub.workers.spare,
+                ),
+                metrics.counter(
                     "sockd_children_killed_total",
                     "Forked children that ended by a signal.",
                     counters.children_killed,

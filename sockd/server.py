@@ -41,6 +41,7 @@ import structlog
 
 from sockd import logs
 from sockd.config import Address, Network, ServerConfig
+from sockd.workers import WorkerPool
 
 #: Offsets into Linux's ``struct tcp_info`` (stable ABI: fields are only ever appended).
 _TCPI_LEN: Final = 216
@@ -342,6 +343,8 @@ class Hub:
         #: Connections that fit in the descriptor limit, leaving a reserve for the
         #: control channel, log files and reload binds (set by the daemon at start).
         self.fd_capacity: int = 1 << 62
+        #: Threading mode's connection threads; outlives listeners across reloads.
+        self.workers = WorkerPool(self._spare_threads(settings))
 
     def apply(
         self, settings: ServerConfig, handler_cls: type[socketserver.BaseRequestHandler]
@@ -349,6 +352,12 @@ class Hub:
         self.rules = AccessRules(settings)
         self.handler_cls = handler_cls
         self.settings = settings
+        self.workers.resize(self._spare_threads(settings))
+
+    @staticmethod
+    def _spare_threads(settings: ServerConfig) -> int:
+        # Forking mode runs no connection threads: let spare ones go.
+        return settings.max_spare_threads if settings.mode == "threading" else 0
 
     def at_capacity(self) -> bool:
         return self.capacity_reason() is not None
@@ -569,7 +578,9 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
     """``mode = "threading"``: socketserver's thread per connection, daemon threads.
 
     Threads are daemon threads and ``block_on_close`` is off because the daemon drains
-    with a deadline itself; the standard library's join on close has none.
+    with a deadline itself; the standard library's join on close has none. A thread
+    that finished a connection may serve the next one (``server.max_spare_threads``,
+    see ``sockd.workers``): starting threads is most of the cost of a short connection.
     """
 
     daemon_threads = True
@@ -577,13 +588,11 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        thread = threading.Thread(
-            target=self.process_request_thread,
-            args=(request, client_address),
-            daemon=True,
-            name=f"conn-{request.sockd_conn.id}",
+        self.hub.workers.submit(
+            self.process_request_thread,
+            (request, client_address),
+            f"conn-{request.sockd_conn.id}",
         )
-        thread.start()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         conn: Connection = request.sockd_conn

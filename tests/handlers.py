@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
+import json
 import socketserver
+import threading
 import time
 from typing import Any
 
@@ -194,3 +197,22 @@ class Chatter(SockdHandler):
         self.log.info("test.blocked")
         while True:
             self.request.sendall(b"x" * 65536)
+
+
+_VISITS: contextvars.ContextVar[int] = contextvars.ContextVar("visits", default=0)
+
+
+class WhoAmI(socketserver.BaseRequestHandler):
+    """Replies with the thread serving it and a context variable it then changes;
+    holds the connection (and its thread) until the client closes."""
+
+    def handle(self) -> None:
+        visits = _VISITS.get()
+        _VISITS.set(visits + 1)
+        reply = {
+            "thread": threading.current_thread().name,
+            "native_id": threading.get_native_id(),
+            "visits": visits,
+        }
+        self.request.sendall(json.dumps(reply).encode() + b"\n")
+        self.request.recv(1)

@@ -714,6 +714,8 @@ DOCUMENTED_METRICS = {
     "sockd_reloads_total": "counter",
     "sockd_uptime_seconds": "gauge",
     "sockd_info": "gauge",
+    "sockd_threads_started_total": "counter",
+    "sockd_threads_spare": "gauge",
 }
 
 

@@ -247,6 +247,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "server.allow": st.lists(networks, max_size=3),
     "server.deny": st.lists(networks, max_size=3),
     "server.max_children": st.integers(1, 65535),
+    "server.max_spare_threads": st.integers(0, 65535),
     "logging.level": st.sampled_from(LOG_LEVELS),
     "logging.format": st.sampled_from(["json", "logfmt", "console"]),
     "logging.output": st.sampled_from(["stdout", "stderr", "journald", "/tmp/sockd-fuzz.log"]),
