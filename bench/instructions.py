@@ -4,7 +4,8 @@ Rates on a shared 2-core machine move by +-15% from run to run; instruction coun
 under ``valgrind --tool=callgrind`` do not. Each server runs twice under callgrind,
 serving 100 and then 600 short connections (connect, one 64-byte echo, close); the
 difference divided by 500 is the cost of one connection, start-up excluded. sockd is
-measured with its canonical ``conn.close`` line (info) and without (warning).
+measured with its canonical ``conn.close`` line (info) and without (warning), and with
+``max_spare_threads = 0`` (a new thread per connection, as ``ThreadingTCPServer`` does).
 
     .venv/bin/python bench/instructions.py          # needs valgrind (apt-get install valgrind)
 
@@ -34,7 +35,7 @@ def _free_port() -> int:
         return port
 
 
-def instructions(kind: str, connections: int, level: str) -> int:
+def instructions(kind: str, connections: int, level: str, spare: int | None = None) -> int:
     """Total instructions of one server process that served ``connections``."""
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="ski") as tmpdir:
         tmp = Path(tmpdir)
@@ -46,7 +47,8 @@ def instructions(kind: str, connections: int, level: str) -> int:
             config = tmp / "s.toml"
             config.write_text(
                 f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
-                f'[logging]\nlevel = "{level}"\noutput = "{tmp}/log"\n'
+                + (f"max_spare_threads = {spare}\n" if spare is not None else "")
+                + f'[logging]\nlevel = "{level}"\noutput = "{tmp}/log"\n'
                 f'[control]\nsocket = "{tmp}/c.sock"\n'
             )
             cmd = [sys.executable, "-m", "sockd", "--config", str(config)]
@@ -81,8 +83,8 @@ def instructions(kind: str, connections: int, level: str) -> int:
     return int(found.group(1))
 
 
-def per_connection(kind: str, level: str = "info") -> float:
-    return (instructions(kind, 600, level) - instructions(kind, 100, level)) / 500
+def per_connection(kind: str, level: str = "info", spare: int | None = None) -> float:
+    return (instructions(kind, 600, level, spare) - instructions(kind, 100, level, spare)) / 500
 
 
 def main() -> int:
@@ -92,10 +94,12 @@ def main() -> int:
     bare = per_connection("bare")
     full = per_connection("sockd", "info")
     quiet = per_connection("sockd", "warning")
+    fresh = per_connection("sockd", "info", spare=0)
     print("CPU instructions per connection (connect, one 64 B echo, close):")
     print(f"  bare socketserver                    {bare:9.0f}")
     print(f"  sockd, conn.close line (info)        {full:9.0f}   {full / bare:.2f}x")
     print(f"  sockd, no per-connection line (warn) {quiet:9.0f}   {quiet / bare:.2f}x")
+    print(f"  sockd, conn.close, max_spare_threads=0 {fresh:7.0f}   {fresh / bare:.2f}x")
     return 0
 
 

@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclass
 class Tally:
     completed: int = 0
+    completed_fresh: int = 0  # on a connection made for this one request
     refused_clean: int = 0
     half: int = 0
     wrong: int = 0
@@ -78,7 +79,7 @@ def _client(
             pass
         tally.add(received_bytes=len(got))
         if got == payload:
-            tally.add(completed=1)
+            tally.add(completed=1, completed_fresh=0 if persistent else 1)
             if not persistent:
                 sock.close()
                 sock = None
@@ -152,6 +153,7 @@ def run(mode: str, seconds: float, clients: int, reload_every: float) -> dict[st
             "mode": mode,
             "exit_status": rc,
             "completed": tally.completed,
+            "of_them_fresh_connections": tally.completed_fresh,
             "refused_clean": tally.refused_clean,
             "half_replies": tally.half,
             "wrong_replies": tally.wrong,

@@ -4,7 +4,9 @@ For each mode, sockd serves ``--connections`` short connections (connect, one 64
 echo, close) from several client processes, logging every connection (JSON, info) to
 a file. Open descriptors, threads, children and RSS of the daemon are sampled
 throughout. Targets: after all connections, RSS within 10% of its value after the first
-10,000, and descriptors, threads and children back at their baseline. Exit 1 if missed.
+10,000, and descriptors, threads and children back at their baseline (threading mode
+keeps finished threads for the next connection: the threads left must be exactly the
+spare ones /metrics reports, at most ``max_spare_threads``). Exit 1 if missed.
 
     .venv/bin/python bench/soak.py [--connections 200000] [--mode both] [--clients 4]
 
@@ -24,7 +26,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from procstat import children, fds, rss_kb, threads
-from servers import start_sockd
+from servers import REPO, start_sockd
+
+sys.path.insert(0, str(REPO))
+from sockctl.client import ControlClient
 
 MESSAGE = b"s" * 64
 
@@ -52,21 +57,31 @@ def sample(pid: int) -> dict[str, int]:
     }
 
 
-def settle(pid: int, baseline: dict[str, int], timeout: float = 30) -> dict[str, int]:
+def spare_threads(control: str) -> int:
+    for line in ControlClient(control, timeout=10).metrics().splitlines():
+        if line.startswith("sockd_threads_spare "):
+            return int(float(line.split()[1]))
+    raise SystemExit("sockd_threads_spare missing from /metrics")
+
+
+def settle(pid: int, baseline: dict[str, int], control: str, timeout: float = 30) -> dict[str, int]:
     """Wait until handler threads/children have wound down (or the timeout)."""
     deadline = time.monotonic() + timeout
-    now = sample(pid)
-    while time.monotonic() < deadline and (
-        now["fds"] > baseline["fds"] or now["threads"] > baseline["threads"] or now["children"]
-    ):
-        time.sleep(0.1)  # polling /proc for the end state
+    while True:
         now = sample(pid)
-    return now
+        now["spare"] = spare_threads(control)
+        busy_threads = now["threads"] - now["spare"]
+        if time.monotonic() > deadline or not (
+            now["fds"] > baseline["fds"] or busy_threads > baseline["threads"] or now["children"]
+        ):
+            return now
+        time.sleep(0.1)  # polling /proc for the end state
 
 
 def soak(mode: str, total: int, clients: int) -> bool:
     with tempfile.TemporaryDirectory(dir="/tmp", prefix="sks") as tmpdir:
         proc, port = start_sockd(Path(tmpdir), mode, mode=mode, max_children=64)
+        control = f"{tmpdir}/{mode}.sock"
         pid = proc.pid
         baseline = sample(pid)
         done = mp.Value("q", 0)
@@ -88,7 +103,7 @@ def soak(mode: str, total: int, clients: int) -> bool:
         for p in procs:
             p.join()
         elapsed = time.monotonic() - began
-        end = settle(pid, baseline)
+        end = settle(pid, baseline, control)
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     assert at_10k is not None
@@ -96,7 +111,8 @@ def soak(mode: str, total: int, clients: int) -> bool:
     ok = (
         growth <= 0.10
         and end["fds"] <= baseline["fds"]
-        and end["threads"] <= baseline["threads"]
+        and end["threads"] - end["spare"] <= baseline["threads"]
+        and end["spare"] <= 64
         and end["children"] == 0
     )
     print(
@@ -106,7 +122,8 @@ def soak(mode: str, total: int, clients: int) -> bool:
         f"peak {peak['rss_kb']}, end {end['rss_kb']} (growth after 10k {growth:+.1%}, "
         f"target <= +10%)\n"
         f"          fds {baseline['fds']} -> peak {peak['fds']} -> {end['fds']}; "
-        f"threads {baseline['threads']} -> peak {peak['threads']} -> {end['threads']}; "
+        f"threads {baseline['threads']} -> peak {peak['threads']} -> {end['threads']} "
+        f"({end['spare']} spare); "
         f"children peak {peak['children']} -> {end['children']}"
     )
     return ok
