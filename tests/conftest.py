@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from sockctl.client import ControlClient
+
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 10.0
 
@@ -308,3 +310,11 @@ __all__ = [  # noqa: RUF022  # grouped by kind, not sorted
     "render_config",
     "signal",
 ]
+
+
+def metric(ctl: ControlClient, name: str) -> float:
+    """One unlabelled sample from the daemon's /metrics."""
+    for line in ctl.metrics().splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")

@@ -18,6 +18,7 @@ from tests.conftest import (
     children_of,
     connect,
     cpu_seconds,
+    metric,
     recv_exactly,
     recv_line,
 )
@@ -48,13 +49,6 @@ def closed_by_server(sock: socket.socket) -> bool:
         return sock.recv(10) == b""
     except ConnectionResetError:
         return True
-
-
-def metric(ctl: ControlClient, name: str) -> float:
-    for line in ctl.metrics().splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 def labelled_metric(ctl: ControlClient, name: str, label: str) -> float:

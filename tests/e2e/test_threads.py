@@ -9,16 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from sockctl.client import ControlClient
-from tests.conftest import base_config, connect, recv_line, render_config
+from tests.conftest import base_config, connect, metric, recv_line, render_config
 
 DEADLINE = 10.0
-
-
-def metric(ctl: ControlClient, name: str) -> float:
-    for line in ctl.metrics().splitlines():
-        if line.split(" ")[0] == name:
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 def wait_metric(ctl: ControlClient, name: str, want: float) -> None:
