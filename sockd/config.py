@@ -93,6 +93,7 @@ class LoggingConfig:
     format: LogFormat
     output: str
     ring_size: int
+    identifier: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +207,13 @@ def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise Invalid(f"expected a non-empty string, got {_describe(value)}")
     return value
+
+
+def _identifier(value: Any) -> str:
+    text = _string(value)
+    if len(text) > 64 or not text.isprintable() or any(c.isspace() for c in text):
+        raise Invalid(f"expected at most 64 printable characters, no spaces, got {_q(text)}")
+    return text
 
 
 def _optional_group(value: Any) -> str | None:
@@ -417,6 +425,13 @@ SETTINGS: tuple[Setting, ...] = (
         1000,
         _integer(0, 1_000_000),
         "Recent events kept in memory for sockctl logs.",
+    ),
+    Setting(
+        "logging.identifier",
+        "sockd",
+        _identifier,
+        "SYSLOG_IDENTIFIER of journal entries (journalctl -t NAME); an instance of "
+        'sockd@.service sets "sockd-NAME" to match its unit\'s SyslogIdentifier=.',
     ),
     Setting(
         "control.socket",

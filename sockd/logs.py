@@ -219,27 +219,32 @@ _NAMES: Final = {10: "debug", 20: "info", 30: "warning", 40: "error", 50: "criti
 _SYSLOG_PRIORITY: Final = {10: "7", 20: "6", 30: "4", 40: "3", 50: "2"}
 
 
-def _journal_fields(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+def _journal_renderer(identifier: str) -> Callable[..., Any]:
     """Final processor for journald: every field becomes ``SOCKD_<NAME>``."""
-    level = event_dict.pop("level", method)
-    event_dict.pop("timestamp", None)  # the journal stamps entries itself
-    event = str(event_dict.get("event", ""))
-    rest = " ".join(
-        f"{k}={v if isinstance(v, str) else _ENCODE(v)}"
-        for k, v in event_dict.items()
-        if k not in ("event", "exception")
-    )
-    fields = {
-        "MESSAGE": f"{event} {rest}".strip(),
-        "PRIORITY": _SYSLOG_PRIORITY.get(level_number(str(level)), "6"),
-        "SYSLOG_IDENTIFIER": "sockd",
-    }
-    for key, value in event_dict.items():
-        text = value if isinstance(value, str) else _ENCODE(value)
-        fields["SOCKD_" + key.upper()] = text
-    if "exception" in event_dict:
-        fields["MESSAGE"] += "\n" + str(event_dict["exception"])
-    return {"fields": fields}
+
+    def render(_: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+        level = event_dict.pop("level", method)
+        event_dict.pop("timestamp", None)  # the journal stamps entries itself
+        event = str(event_dict.get("event", ""))
+        rest = " ".join(
+            f"{k}={v if isinstance(v, str) else _ENCODE(v)}"
+            for k, v in event_dict.items()
+            if k not in ("event", "exception")
+        )
+        fields = {
+            "MESSAGE": f"{event} {rest}".strip(),
+            "PRIORITY": _SYSLOG_PRIORITY.get(level_number(str(level)), "6"),
+            # systemd never tells a service its SyslogIdentifier=, so it is configured.
+            "SYSLOG_IDENTIFIER": identifier,
+        }
+        for key, value in event_dict.items():
+            text = value if isinstance(value, str) else _ENCODE(value)
+            fields["SOCKD_" + key.upper()] = text
+        if "exception" in event_dict:
+            fields["MESSAGE"] += "\n" + str(event_dict["exception"])
+        return {"fields": fields}
+
+    return render
 
 
 class Subscription:
@@ -434,7 +439,7 @@ class LogSystem:
     def _make_renderer(self) -> Callable[..., Any]:
         fmt = self.settings.format
         if self.sink.is_journal:
-            return _journal_fields
+            return _journal_renderer(self.settings.identifier)
         if fmt == "logfmt":
             return structlog.processors.LogfmtRenderer(
                 key_order=["timestamp", "level", "event"], drop_missing=True

@@ -50,6 +50,20 @@ class Silent(SockdHandler):
             pass
 
 
+class ReplyOnLine(SockdHandler):
+    """Announces the connection, then waits (through a drain too) for one line and answers it.
+
+    The client decides when the request finishes; a connection closed or cut before the
+    line arrives ends without a reply.
+    """
+
+    def handle(self) -> None:
+        self.log.info("test.blocked")
+        line = self.request.makefile("rb").readline()
+        if line:
+            self.request.sendall(b"done:" + line)
+
+
 class Stubborn(SockdHandler):
     """Ignores the socket and the drain: only the deadline's kill can end it (forking)."""
 

@@ -14,8 +14,10 @@ editable install only exposes ``sockd`` and ``sockctl``.
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -31,6 +33,12 @@ PORT = 9000
 DROPIN = "/etc/systemd/system/sockd.service.d/test.conf"
 #: The unit's SD_MESSAGE_UNIT_STARTED entry ("Started sockd.service - ...").
 STARTED_PREFIX = f"Started {UNIT}"
+#: TimeoutStopSec= for the long-drain tests: shorter than their server.shutdown_timeout.
+STOP_TIMEOUT = 3
+#: How long past TimeoutStopSec= a long-drain test watches the unit still deactivating.
+STOP_TIMEOUT_MARGIN = 1.5
+#: Where the long-drain tests tell their held client to send its line.
+RELEASE_FIFO = "/run/release.fifo"
 
 #: One connection: send argv[2], half-close, print everything the server sends back.
 ECHO_CLIENT = """
@@ -69,6 +77,24 @@ while not os.path.exists("/run/loadgen.stop"):
         counts["errors"] += 1
         seen.append(repr(reply))
 print(json.dumps({**counts, "seen": seen[:10]}))
+"""
+
+#: Holds one connection open. With a FIFO path as argv[2] it sends what the test writes
+#: there (opening the FIFO blocks until the test does); with "-" it sends nothing. Then it
+#: prints repr() of everything the server sends before closing.
+HELD_CLIENT = """
+import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=60) as s:
+    if sys.argv[2] != "-":
+        with open(sys.argv[2]) as release:
+            s.sendall(release.read().encode())
+    reply = b""
+    try:
+        while chunk := s.recv(4096):
+            reply += chunk
+    except ConnectionResetError:
+        reply += b"<reset>"
+print(repr(reply))
 """
 
 #: Connects from 127.0.0.2 (in server.deny) and prints what it gets: b'' or "reset".
@@ -430,6 +456,154 @@ def test_stop_drains_in_flight_connections(packaged_box: Box) -> None:
     [close] = entries(box, "SOCKD_EVENT=conn.close")
     assert close["SOCKD_BYTES_OUT"] == str(len("done:slow request\n"))
     assert not box.exists("/run/sockd/control.sock")
+
+
+def start_long_drain(
+    box: Box, shutdown_timeout: float, release: bool
+) -> tuple[str, Future[Result]]:
+    """Serve tests.handlers:ReplyOnLine under TimeoutStopSec=STOP_TIMEOUT, hold a connection
+    in its handler (released through RELEASE_FIFO if ``release``), then stop --no-block.
+
+    Returns sockd's PID and the held client's future (its stdout: repr of the reply).
+    systemd's debug log is on, so the journal shows each notification sockd sends.
+    """
+    add_dropin(box, f"TimeoutStopSec={STOP_TIMEOUT}")
+    box.write_config(
+        sockd_toml(
+            server=f'handler = "tests.handlers:ReplyOnLine"\nshutdown_timeout = {shutdown_timeout}'
+        )
+    )
+    # Enabled, so the unit stays loaded once stopped and Result= etc. describe the run.
+    rc, _out, err = box.systemctl("enable", "--now", UNIT)
+    assert rc == 0, err + box.journal(UNIT)
+    assert box.unit_property(UNIT, "TimeoutStopUSec") == f"{STOP_TIMEOUT}s"
+    pid = box.unit_property(UNIT, "MainPID")
+    box.systemctl("log-level", "debug", check=True)
+    if release:
+        box.run("mkfifo", RELEASE_FIFO, check=True)
+    pool = ThreadPoolExecutor(max_workers=1)
+    held = pool.submit(
+        box.run,
+        VENV_PYTHON,
+        "-c",
+        HELD_CLIENT,
+        str(PORT),
+        RELEASE_FIFO if release else "-",
+        timeout=45,
+    )
+    pool.shutdown(wait=False)
+    wait_for_entries(box, "SOCKD_EVENT=test.blocked", what="the handler to hold the connection")
+    rc, _out, err = box.systemctl("stop", "--no-block", UNIT)
+    assert rc == 0, err
+    [stopping] = wait_for_entries(box, "SOCKD_EVENT=server.stopping", what="the drain to begin")
+    assert stopping["SOCKD_ACTIVE"] == "1"
+    return pid, held
+
+
+def drain_seconds(box: Box) -> float:
+    """How long systemd saw the unit deactivating (from leaving active to inactive)."""
+    times = props(box, "ActiveExitTimestampMonotonic", "InactiveEnterTimestampMonotonic")
+    exit_us = int(times["ActiveExitTimestampMonotonic"])
+    inactive_us = int(times["InactiveEnterTimestampMonotonic"])
+    assert 0 < exit_us < inactive_us, times
+    return (inactive_us - exit_us) / 1e6
+
+
+def extensions_from(box: Box, pid: str) -> list[int]:
+    """The EXTEND_TIMEOUT_USEC= values systemd received from ``pid`` (its debug log)."""
+    pattern = rf"Got notification message from PID {pid} \(EXTEND_TIMEOUT_USEC=(\d+)\)"
+    return [int(usec) for usec in re.findall(pattern, box.journal(UNIT))]
+
+
+def wait_stopped(box: Box, timeout: float) -> None:
+    """Wait until the unit has finished stopping, cleanly or not ("inactive" or "failed")."""
+    wait_until(
+        lambda: box.is_active(UNIT) in ("inactive", "failed"),
+        timeout,
+        f"{UNIT} to finish stopping",
+        lambda: box.systemctl("status", UNIT).output[-3000:],
+    )
+
+
+def assert_stopped_cleanly(box: Box) -> None:
+    """Exited 0 by itself: not SIGKILLed by systemd's stop timeout."""
+    state = props(box, "ActiveState", "Result", "ExecMainCode", "ExecMainStatus")
+    assert state == {
+        "ActiveState": "inactive",
+        "Result": "success",
+        "ExecMainCode": "1",  # CLD_EXITED: exited, not killed
+        "ExecMainStatus": "0",
+    }, box.journal(UNIT)[-3000:]
+    text = box.journal(UNIT)
+    assert "timed out" not in text
+    assert "SIGKILL" not in text
+    assert "Deactivated successfully" in text
+
+
+def test_long_drain_extends_the_stop_timeout(packaged_box: Box) -> None:
+    """A drain longer than TimeoutStopSec= is not killed: sockd sends EXTEND_TIMEOUT_USEC,
+    stays deactivating past the timeout, finishes the in-flight request, and exits 0."""
+    box = packaged_box
+    shutdown_timeout = 12  # far beyond STOP_TIMEOUT; the client is released well before
+    pid, held = start_long_drain(box, shutdown_timeout, release=True)
+    box.wait_for_state(UNIT, "deactivating")
+    # From a moment at or after the unit left "active", watch it past TimeoutStopSec=:
+    # deactivating the whole time, with the same main process. systemd would have sent
+    # SIGKILL at the timeout without the extensions. Deliberately clock-bound (what is
+    # claimed is that time passes without a kill), and checking the unit at every poll.
+    until = time.monotonic() + STOP_TIMEOUT + STOP_TIMEOUT_MARGIN
+
+    def past_stop_timeout() -> bool:
+        now = props(box, "ActiveState", "SubState", "MainPID")
+        expected = {"ActiveState": "deactivating", "SubState": "stop-sigterm", "MainPID": pid}
+        assert now == expected, box.journal(UNIT)[-3000:]
+        return time.monotonic() >= until
+
+    wait_until(past_stop_timeout, STOP_TIMEOUT + 10, "TimeoutStopSec= to pass while draining")
+    assert box.exists(f"/proc/{pid}")
+    extensions = extensions_from(box, pid)
+    # One when the drain began (covering all of it), renewed while it lasts.
+    assert len(extensions) >= 2, box.journal(UNIT)[-3000:]
+    assert extensions[0] >= shutdown_timeout * 1_000_000
+    assert not held.done()
+
+    # Now let the request finish: it gets its whole reply, and sockd exits at once.
+    box.sh(f"echo finish > {RELEASE_FIFO}", timeout=10, check=True)
+    rc, out, err = held.result(timeout=20)
+    assert rc == 0, out + err
+    assert out.strip() == repr(b"done:finish\n")
+    wait_stopped(box, timeout=10)
+    assert_stopped_cleanly(box)
+    assert STOP_TIMEOUT + STOP_TIMEOUT_MARGIN < drain_seconds(box) < shutdown_timeout
+    [stopped] = entries(box, "SOCKD_EVENT=server.stopped")
+    assert (stopped["SOCKD_FINISHED"], stopped["SOCKD_CUT"]) == ("1", "0")
+    [close] = entries(box, "SOCKD_EVENT=conn.close")
+    assert close["SOCKD_ENDED"] == "closed"
+    assert close["SOCKD_BYTES_OUT"] == str(len("done:finish\n"))
+
+
+def test_drain_deadline_cuts_and_exits_cleanly(packaged_box: Box) -> None:
+    """A connection that outlasts server.shutdown_timeout (itself beyond TimeoutStopSec=) is
+    cut by sockd at its own deadline; sockd then exits 0, not killed by systemd."""
+    box = packaged_box
+    shutdown_timeout = 6  # beyond STOP_TIMEOUT; the client never sends its line
+    pid, held = start_long_drain(box, shutdown_timeout, release=False)
+    wait_stopped(box, timeout=shutdown_timeout + 10)
+
+    rc, out, err = held.result(timeout=10)
+    assert rc == 0, out + err
+    assert out.strip() in (repr(b""), repr(b"<reset>"))  # cut: no reply
+    assert_stopped_cleanly(box)
+    # Deactivating for the whole drain, i.e. well past TimeoutStopSec=, thanks to the
+    # extensions; then out within the cut grace.
+    assert shutdown_timeout <= drain_seconds(box) < shutdown_timeout + 5
+    assert extensions_from(box, pid)
+    [stopped] = entries(box, "SOCKD_EVENT=server.stopped")
+    assert (stopped["SOCKD_FINISHED"], stopped["SOCKD_CUT"]) == ("0", "1")
+    assert float(stopped["SOCKD_DURATION_MS"]) >= shutdown_timeout * 1000
+    [close] = entries(box, "SOCKD_EVENT=conn.close")
+    assert close["SOCKD_ENDED"] == "drain_deadline"
+    assert close["_PID"] == pid
 
 
 # --- 6. socket activation ----------------------------------------------------------------

@@ -43,7 +43,7 @@ def test_fast_line_equals_generic_line(
 ) -> None:
     """Same keys, same order, same values as logs.emit() with the JSON renderer."""
     out = tmp_path / "log"
-    system = logs.LogSystem(LoggingConfig("info", "json", str(out), 100))
+    system = logs.LogSystem(LoggingConfig("info", "json", str(out), 100, "sockd"))
     conn = _conn(peer, pid)
     assert logs.json_line_sink() is system
     log_close(conn, stats, "kicked")
@@ -67,7 +67,7 @@ def test_fast_line_equals_generic_line(
 
 def test_fast_path_off_for_other_formats(tmp_path: Path) -> None:
     """logfmt output (or a level above info) takes the generic path."""
-    logs.LogSystem(LoggingConfig("info", "logfmt", str(tmp_path / "log"), 100))
+    logs.LogSystem(LoggingConfig("info", "logfmt", str(tmp_path / "log"), 100, "sockd"))
     assert logs.json_line_sink() is None
-    logs.LogSystem(LoggingConfig("warning", "json", str(tmp_path / "log2"), 100))
+    logs.LogSystem(LoggingConfig("warning", "json", str(tmp_path / "log2"), 100, "sockd"))
     assert logs.json_line_sink() is None

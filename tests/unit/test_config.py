@@ -102,6 +102,9 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"control": {"socket": "/x" * 60}}, "control.socket: a Unix socket path must be at most"),
         ({"control": {"group": "g", "read_group": "g"}}, "control.read_group: must differ"),
         ({"server": 5}, "server: expected a table"),
+        ({"server": {"max_spare_threads": -1}}, "server.max_spare_threads: expected an integer"),
+        ({"logging": {"identifier": "my sockd"}}, "logging.identifier: expected at most 64"),
+        ({"logging": {"identifier": ""}}, "logging.identifier: expected a non-empty string"),
     ],
 )
 def test_each_problem_names_key_and_expectation(data: dict[str, object], fragment: str) -> None:
