@@ -398,7 +398,7 @@ SETTINGS: tuple[Setting, ...] = (
         "server.max_spare_threads",
         64,
         _integer(0, 65535),
-        "Threading mode: finished connection threads kept (up to 60 s) to serve the next "
+        "Threading mode: finished connection threads kept (about 60 s) to serve the next "
         "connection instead of starting a thread; 0 starts one per connection.",
     ),
     Setting(

@@ -3,16 +3,19 @@
 ``ThreadingMixIn`` starts a new thread for every connection and throws it away after.
 Starting a thread costs ~140 µs of CPU here (stack mapping, clone, and the start-up
 handshake that blocks the accepting thread until the new one runs) — as much as the
-rest of a short connection's server-side work. So a thread that finishes a connection
-waits, up to ``max_spare`` of them and for at most ``SPARE_KEEPALIVE`` seconds, to be
-handed the next one (Apache's MaxSpareThreads, Java's cached thread pool). Concurrency
-is unlimited as before: with no spare thread waiting, a new one starts at once.
+rest of a short connection's server-side work. So a thread that finished a connection
+waits, up to ``max_spare`` of them and for about ``SPARE_KEEPALIVE`` seconds, to be
+handed the next one (Apache's MaxSpareThreads, Java's cached thread pool; every
+production Python server reuses threads). Concurrency is unlimited as before: with no
+spare thread waiting, a new one starts at once.
 
 Each connection runs in a fresh ``contextvars.Context``, as it would in a new thread,
-so context variables (``structlog.contextvars`` among them) never leak from one
-connection to the next. ``threading.local`` state does outlive a connection in a
-reused thread; a handler that keeps some resets it in ``setup()``, or the operator sets
-``server.max_spare_threads = 0`` to get a new thread per connection.
+so context variables never leak from one connection to the next. What belongs to the
+OS thread does carry over: ``threading.local`` values, ``sys.settrace``/``setprofile``
+hooks, the thread's identity, signal mask and scheduling settings. The README tells
+handler authors; ``server.max_spare_threads = 0`` restores a new thread per connection.
+
+Imports nothing from sockd: the pool knows tasks, not connections.
 """
 
 from __future__ import annotations
@@ -51,15 +54,23 @@ class WorkerPool:
         self._lock = threading.Lock()
 
     def submit(self, fn: Callable[..., object], args: tuple[Any, ...], name: str) -> None:
-        """Run ``fn(*args)`` in a thread named ``name``; never waits for a thread."""
+        """Run ``fn(*args)`` in a thread named ``name``: a spare one, or a new one."""
         task = (fn, args, name)
         with self._lock:
-            if self.spare:
+            if self.spare > 0:
                 self.spare -= 1
                 self._tasks.put(task)
                 return
             self.started += 1
-        threading.Thread(target=self._serve, args=(task,), name=name, daemon=True).start()
+        # The thread empties the list: Thread's own reference to its arguments would
+        # otherwise keep the first connection's objects alive as long as the thread.
+        thread = threading.Thread(target=self._serve, args=([task],), name=name, daemon=True)
+        try:
+            thread.start()
+        except BaseException:  # RuntimeError: can't start new thread
+            with self._lock:
+                self.started -= 1
+            raise
 
     def resize(self, max_spare: int) -> None:
         """Change how many threads may wait; send the ones over the new limit away."""
@@ -71,13 +82,15 @@ class WorkerPool:
                 for _ in range(excess):
                     self._tasks.put(None)
 
-    def _serve(self, first: _Task) -> None:
+    def _serve(self, first: list[_Task]) -> None:
         me = threading.current_thread()
-        task: _Task | None = first
+        task: _Task | None = first.pop()
         while task is not None:
             fn, args, me.name = task
+            task = None
             # A fresh context per connection, as a new thread would have.
             contextvars.Context().run(fn, *args)
+            del fn, args  # nothing of the last connection stays alive while waiting
             me.name = SPARE_NAME
             task = self._next_task()
 
@@ -87,14 +100,15 @@ class WorkerPool:
             if self.spare >= self.max_spare:
                 return None
             self.spare += 1
-        try:
-            return self._tasks.get(timeout=self.keepalive)
-        except queue.Empty:
-            pass
-        with self._lock:
-            if self.spare:
-                self.spare -= 1  # nobody counted on this thread: leave
-                return None
-        # A submitter took a thread off the count just before the keepalive ran out, so
-        # queued tasks equal waiting threads (this one included): one is there to take.
-        return self._tasks.get()
+        while True:
+            try:
+                return self._tasks.get(timeout=self.keepalive)
+            except queue.Empty:
+                pass
+            with self._lock:
+                if self.spare > 0:
+                    self.spare -= 1  # nobody counted on this thread: leave
+                    return None
+            # A submitter took a thread off the count just before the keepalive ran
+            # out, so a task is queued for a waiting thread; another may take it first
+            # and count itself again, so wait with the keepalive again, not forever.

@@ -54,12 +54,13 @@ def test_a_thread_serves_one_connection_after_another(sockd_factory: Any, short_
     assert len({r["native_id"] for r in replies}) == 1
     assert [r["thread"] for r in replies] == [f"conn-{i}" for i in range(1, 11)]
     assert [r["visits"] for r in replies] == [0] * 10
-    assert len(proc.all("conn.close")) == 10
+    assert len(proc.wait_count("conn.close", 10)) == 10
 
 
 def test_max_spare_threads_zero_starts_a_thread_per_connection(
     sockd_factory: Any, short_tmp: Path
 ) -> None:
+    """max_spare_threads = 0: every connection gets a thread of its own, none waits."""
     proc = sockd_factory(
         base_config(short_tmp, handler="tests.handlers:WhoAmI", max_spare_threads=0)
     )
@@ -75,6 +76,8 @@ def test_max_spare_threads_zero_starts_a_thread_per_connection(
 def test_reload_trims_spare_threads_and_forking_lets_them_all_go(
     sockd_factory: Any, short_tmp: Path
 ) -> None:
+    """A reload lowering max_spare_threads ends the extra spare threads at once; a switch
+    to forking ends them all, and the next connection is served by a child."""
     config = base_config(short_tmp, handler="tests.handlers:WhoAmI")
     proc = sockd_factory(config)
     (address,) = proc.wait_ready()
@@ -102,4 +105,7 @@ def test_reload_trims_spare_threads_and_forking_lets_them_all_go(
     ctl.reload()
     assert metric(ctl, "sockd_threads_spare") == 0
     wait_alive(pid, tids, 0)
-    assert ask(address)["visits"] == 0  # served by a child now
+    mark = proc.mark()
+    assert ask(address)["visits"] == 0
+    closed = proc.wait_for("conn.close", start=mark)
+    assert closed["pid"] != pid  # served by a forked child now

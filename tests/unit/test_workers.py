@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import contextvars
+import gc
+import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from sockd.workers import SPARE_NAME, WorkerPool
 
 DEADLINE = 10.0
+
+
+@pytest.fixture(autouse=True)
+def _no_threads_left_behind(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every pool a test makes sends its spare threads away at the end."""
+    pools: list[WorkerPool] = []
+    real_init = WorkerPool.__init__
+
+    def tracked_init(self: WorkerPool, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        pools.append(self)
+
+    monkeypatch.setattr(WorkerPool, "__init__", tracked_init)
+    yield
+    for pool in pools:
+        pool.resize(0)
 
 
 def wait_until(predicate: Callable[[], bool], what: str) -> None:
@@ -43,6 +63,7 @@ def meet(threads: list[threading.Thread], barrier: threading.Barrier) -> None:
 
 
 def test_a_finished_thread_serves_the_next_task() -> None:
+    """Tasks one after another all run on the one thread started for the first."""
     pool = WorkerPool(max_spare=4)
     seen: list[threading.Thread] = []
     for _ in range(20):
@@ -53,6 +74,7 @@ def test_a_finished_thread_serves_the_next_task() -> None:
 
 
 def test_no_spares_means_a_thread_per_task() -> None:
+    """max_spare=0 is ThreadingMixIn: a new thread per task, gone when it ends."""
     pool = WorkerPool(max_spare=0)
     seen: list[threading.Thread] = []
     for _ in range(5):
@@ -81,6 +103,7 @@ def test_concurrency_is_not_limited_by_max_spare() -> None:
 
 
 def test_thread_takes_the_task_name_then_the_spare_name() -> None:
+    """A thread is named after the task it runs and SPARE_NAME while it waits."""
     pool = WorkerPool(max_spare=1)
     names: list[str] = []
     holder: list[threading.Thread] = []
@@ -99,6 +122,7 @@ def test_thread_takes_the_task_name_then_the_spare_name() -> None:
 
 
 def test_each_task_starts_with_fresh_context_variables() -> None:
+    """A context variable set by one task is unset for the next on the same thread."""
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
     pool = WorkerPool(max_spare=1)
     seen: list[str] = []
@@ -115,6 +139,7 @@ def test_each_task_starts_with_fresh_context_variables() -> None:
 
 
 def test_spare_threads_leave_after_the_keepalive() -> None:
+    """A spare thread with nothing to do exits after the keepalive."""
     pool = WorkerPool(max_spare=4, keepalive=0.05)
     holder: list[threading.Thread] = []
     run_and_wait(pool, lambda: holder.append(threading.current_thread()))
@@ -126,6 +151,7 @@ def test_spare_threads_leave_after_the_keepalive() -> None:
 
 
 def test_resize_sends_extra_spares_away() -> None:
+    """Lowering max_spare makes the waiting threads over the new limit exit."""
     pool = WorkerPool(max_spare=8)
     barrier = threading.Barrier(5, timeout=DEADLINE)
     threads: list[threading.Thread] = []
@@ -187,3 +213,91 @@ def test_keepalive_races_never_lose_or_repeat_a_task(keepalive: float) -> None:
         assert all_done.acquire(timeout=DEADLINE)
     assert sorted(ran) == list(range(count))
     assert 0 <= pool.spare <= 3
+
+
+def test_a_thread_keeps_nothing_of_its_last_task_while_waiting() -> None:
+    """A spare thread holds no reference to its tasks' arguments (sockets, connections)."""
+
+    class Payload:
+        pass
+
+    pool = WorkerPool(max_spare=1)
+    refs = []
+    for _ in range(3):
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        done = threading.Event()
+        pool.submit(lambda _p, d=done: d.set(), (payload,), "t")
+        assert done.wait(DEADLINE)
+        del payload
+        wait_until(lambda: pool.spare == 1, "the thread to wait")
+    assert pool.started == 1
+    gc.collect()
+    assert [ref() is None for ref in refs] == [True, True, True]
+
+
+def test_a_thread_that_cannot_start_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the OS refuses a thread the error reaches the caller and started stays right."""
+    pool = WorkerPool(max_spare=1)
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        pool.submit(lambda: None, (), "t")
+    monkeypatch.undo()
+    assert pool.started == 0
+    run_and_wait(pool, lambda: None)
+    assert pool.started == 1
+
+
+class _RaceQueue:
+    """The pool's queue, pausing one chosen thread at the two points of the race."""
+
+    def __init__(self) -> None:
+        self.inner: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.victim: threading.Thread | None = None
+        self.expired = threading.Event()  # the victim's keepalive ran out
+        self.go_on = threading.Event()  # let it look at the spare count
+        self.rewaiting = threading.Event()  # it is about to wait again
+        self.gate = threading.Event()  # let it wait
+
+    def put(self, item: Any) -> None:
+        self.inner.put(item)
+
+    def get(self, timeout: float | None = None) -> Any:
+        me = threading.current_thread()
+        if me is self.victim and self.expired.is_set():
+            self.rewaiting.set()
+            assert self.gate.wait(DEADLINE)
+        try:
+            return self.inner.get(timeout=timeout)
+        except queue.Empty:
+            # The victim is chosen while its first wait is already running.
+            if me is self.victim and not self.expired.is_set():
+                self.expired.set()
+                assert self.go_on.wait(DEADLINE)
+            raise
+
+
+def test_a_spare_whose_task_another_took_still_expires() -> None:
+    """The race, forced: A's keepalive runs out as a task is queued for it (spare == 0),
+    a thread B that just went spare takes that task; A must still leave after a keepalive
+    instead of waiting for ever (and no task is lost)."""
+    pool = WorkerPool(max_spare=2, keepalive=0.1)
+    race = _RaceQueue()
+    pool._tasks = race  # type: ignore[assignment]
+    holder: list[threading.Thread] = []
+    run_and_wait(pool, lambda: holder.append(threading.current_thread()), "a")
+    race.victim = holder[0]
+    assert race.expired.wait(DEADLINE)  # A timed out, has not looked at the count yet
+    ran: list[str] = []
+    pool.submit(lambda: ran.append("t1"), (), "t1")  # takes A off the count, queues t1
+    race.go_on.set()
+    assert race.rewaiting.wait(DEADLINE)  # A saw spare == 0 and waits again
+    run_and_wait(pool, lambda: None, "b")  # a new thread B, then spare: it takes t1
+    wait_until(lambda: ran == ["t1"], "t1 to run on B")
+    race.gate.set()
+    holder[0].join(DEADLINE)
+    assert not holder[0].is_alive(), f"the spare thread never expired (spare={pool.spare})"
