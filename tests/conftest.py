@@ -14,6 +14,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -318,3 +319,18 @@ def metric(ctl: ControlClient, name: str) -> float:
         if line.split(" ")[0] == name:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not in metrics")
+
+
+def require_reachable_by_others() -> None:
+    """Skip unless an unprivileged user can run this checkout's Python and import sockd.
+
+    Tests that act as ``nobody`` run the venv's interpreter from the checkout; a checkout
+    under a private directory (``mktemp -d`` makes them 0700) is out of that user's reach.
+    """
+    for path in (Path(sys.executable).absolute(), REPO):
+        for directory in path.parents if path.is_file() else (path, *path.parents):
+            if not directory.stat().st_mode & stat.S_IXOTH:
+                pytest.skip(
+                    f"{directory} is not searchable by other users, so nobody cannot run "
+                    f"this checkout's {path.name}: clone it somewhere world-searchable"
+                )

@@ -42,6 +42,7 @@ from tests.conftest import (
     connect,
     recv_exactly,
     render_config,
+    require_reachable_by_others,
 )
 
 _T = TypeVar("_T")
@@ -162,6 +163,7 @@ def require_root_and_nobody() -> pwd.struct_passwd:
         pytest.skip("needs root: runs sockctl as the unprivileged user nobody")
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
+    require_reachable_by_others()
     try:
         return pwd.getpwnam("nobody")
     except KeyError:

@@ -41,6 +41,7 @@ from sockd.control import (
 )
 from sockd.errors import ControlError
 from sockd.protocol import API_VERSION, API_VERSION_HEADER, MAX_REQUEST_BODY
+from tests.conftest import require_reachable_by_others
 
 DEADLINE = 10.0
 CTL_GROUP = "sockd-test-ctl"
@@ -426,6 +427,7 @@ def test_groups() -> dict[str, int]:
 def nobody() -> pwd.struct_passwd:
     """The unprivileged ``nobody`` account, used as a foreign control client."""
     require_root()
+    require_reachable_by_others()
     try:
         return pwd.getpwnam("nobody")
     except KeyError:

@@ -435,13 +435,15 @@ def test_every_problem_is_one_line(document: dict[str, Any]) -> None:
 
 @examples(200)
 @given(document=valid_documents())
+@example(document={"server": {"handler_options": {"": math.nan}}})
 def test_valid_configs_round_trip(document: dict[str, Any]) -> None:
     """A valid config survives to_dict -> from_mapping, and to_dict -> TOML text -> parse_text."""
     config = from_mapping(document)
     dumped = to_dict(config)
-    assert from_mapping(dumped) == config
-    assert parse_text(render(without_none(dumped))) == config
-    assert to_dict(from_mapping(dumped)) == dumped
+    # Compared by repr: handler_options may hold nan, which never equals itself.
+    assert repr(from_mapping(dumped)) == repr(config)
+    assert repr(parse_text(render(without_none(dumped)))) == repr(config)
+    assert repr(to_dict(from_mapping(dumped))) == repr(dumped)
 
 
 @examples(150)

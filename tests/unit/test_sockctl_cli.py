@@ -37,6 +37,7 @@ from sockctl.client import (
     wait_until_stopped,
 )
 from sockd.protocol import API_VERSION_HEADER, CONTROL_SOCKET_ENV, DEFAULT_CONTROL_SOCKET
+from tests.conftest import require_reachable_by_others
 
 # --- the fake daemon ------------------------------------------------------------------
 
@@ -670,6 +671,7 @@ def test_eacces_on_connect_exits_4(sockdir: str, daemon: FakeServer) -> None:
         assert result.exit_code == 4, result.stderr
         return
     # root passes every permission check: drop to nobody in a child process
+    require_reachable_by_others()
     os.chmod(sockdir, 0o711)  # noqa: S103 - nobody must reach the socket, not open it
     os.chmod(daemon.path, 0o600)
     code = "import sys; from sockctl.cli import main; main(sys.argv[1:])"
