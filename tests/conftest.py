@@ -321,13 +321,14 @@ def metric(ctl: ControlClient, name: str) -> float:
     raise AssertionError(f"{name} not in metrics")
 
 
-def require_reachable_by_others() -> None:
-    """Skip unless an unprivileged user can run this checkout's Python and import sockd.
+def require_reachable_by_others(*paths: Path) -> None:
+    """Skip unless an unprivileged user can reach ``paths`` (by default: this checkout's
+    Python and the checkout itself, to run sockctl).
 
-    Tests that act as ``nobody`` run the venv's interpreter from the checkout; a checkout
-    under a private directory (``mktemp -d`` makes them 0700) is out of that user's reach.
+    Tests that act as ``nobody`` run an interpreter as that user; a checkout under a
+    private directory (``mktemp -d`` makes them 0700) is out of that user's reach.
     """
-    for path in (Path(sys.executable).absolute(), REPO):
+    for path in paths or (Path(sys.executable).absolute(), REPO):
         for directory in path.parents if path.is_file() else (path, *path.parents):
             if not directory.stat().st_mode & stat.S_IXOTH:
                 pytest.skip(

@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -427,7 +428,7 @@ def test_groups() -> dict[str, int]:
 def nobody() -> pwd.struct_passwd:
     """The unprivileged ``nobody`` account, used as a foreign control client."""
     require_root()
-    require_reachable_by_others()
+    require_reachable_by_others(CLIENT_PYTHON)
     try:
         return pwd.getpwnam("nobody")
     except KeyError:
@@ -452,13 +453,17 @@ while True:
 sys.stdout.buffer.write(b"".join(chunks))
 """
 
+#: The interpreter behind the venv's symlink: CLIENT needs only the standard library,
+#: so it runs wherever the checkout lives, even where other users cannot reach it.
+CLIENT_PYTHON = Path(os.path.realpath(sys.executable))
+
 
 def exchange_as(
     uid: int, gid: int, extra_groups: list[int], path: str, raw: bytes
 ) -> tuple[Reply, int]:
     """Send ``raw`` from a child process running as ``uid``/``gid``; the reply and its pid."""
     with subprocess.Popen(
-        [sys.executable, "-I", "-c", CLIENT, path, raw.decode("latin-1")],
+        [str(CLIENT_PYTHON), "-I", "-c", CLIENT, path, raw.decode("latin-1")],
         user=uid,
         group=gid,
         extra_groups=extra_groups,
