@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 _BARE_SERVER = """
 import socketserver
 from sockd.handlers import EchoHandler
-class Server(socketserver.ThreadingTCPServer):
+class Server(socketserver.{base}):
     daemon_threads = True
+    block_on_close = False
     allow_reuse_address = True
     request_queue_size = {backlog}
 srv = Server(("127.0.0.1", 0), EchoHandler)
@@ -29,14 +30,16 @@ except KeyboardInterrupt:  # SIGINT ends it cleanly (bench/instructions.py needs
 """
 
 
-def bare_command(backlog: int = 1024) -> list[str]:
+def bare_command(backlog: int = 1024, mode: str = "threading") -> list[str]:
     """The command running a bare server that prints its port on the first line."""
-    return [sys.executable, "-c", _BARE_SERVER.format(backlog=backlog)]
+    base = "ForkingTCPServer" if mode == "forking" else "ThreadingTCPServer"
+    return [sys.executable, "-c", _BARE_SERVER.format(backlog=backlog, base=base)]
 
 
-def start_bare(backlog: int = 1024) -> tuple[subprocess.Popen[bytes], int]:
-    """A bare ``socketserver.ThreadingTCPServer`` with the same backlog as sockd."""
-    proc = subprocess.Popen(bare_command(backlog), stdout=subprocess.PIPE, cwd=REPO)
+def start_bare(backlog: int = 1024, mode: str = "threading") -> tuple[subprocess.Popen[bytes], int]:
+    """A bare ``socketserver.ThreadingTCPServer`` (or ``ForkingTCPServer``) with the same
+    backlog as sockd."""
+    proc = subprocess.Popen(bare_command(backlog, mode), stdout=subprocess.PIPE, cwd=REPO)
     assert proc.stdout is not None
     return proc, int(proc.stdout.readline())
 
