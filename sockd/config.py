@@ -9,6 +9,7 @@ what ``sockd --check-config`` and ``sockctl check`` run.
 
 from __future__ import annotations
 
+import grp
 import importlib
 import ipaddress
 import json
@@ -62,6 +63,12 @@ class Address:
                 raise ValueError('expected "host:port"')
             if ":" in host:
                 raise ValueError('IPv6 addresses are written "[::1]:9000"')
+            if host.replace(".", "").isdigit():  # looks like IPv4, so it must be one
+                try:
+                    ipaddress.IPv4Address(host)
+                except ValueError:
+                    raise ValueError(f"{host!r} is not an IPv4 address") from None
+            # Other names are resolved when sockd binds (DNS may not be up at check time).
         if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
             raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
         return cls(host, int(port_text))
@@ -221,12 +228,22 @@ def _optional_group(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise Invalid(f"expected a group name, got {_describe(value)}")
+    if not value.isdigit():
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise Invalid(f"no such group {_q(value)}") from None
     return value
 
 
 def _string_list(value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list):
         raise Invalid(f"expected an array of strings, got {_describe(value)}")
+    wrong = [
+        f"item {i + 1} is {_describe(v)}" for i, v in enumerate(value) if not isinstance(v, str)
+    ]
+    if wrong:
+        raise Invalid(f"expected an array of strings: {'; '.join(wrong)}")
     return cast(list[str], value)
 
 
@@ -252,11 +269,14 @@ def _listen(value: Any) -> tuple[Address, ...]:
 
 def _networks(value: Any) -> tuple[Network, ...]:
     networks: list[Network] = []
+    bad: list[str] = []
     for item in _string_list(value):
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise Invalid(f'expected CIDR networks like "10.0.0.0/8", got {_q(item)}') from None
+            bad.append(_q(item))
+    if bad:
+        raise Invalid(f'expected CIDR networks like "10.0.0.0/8", got {", ".join(bad)}')
     return tuple(networks)
 
 
@@ -535,12 +555,15 @@ def from_mapping(data: Mapping[str, Any], path: str | None = None) -> Config:
                 problems.append(f"{section}.{_key(name)}: unknown key (known keys: {known})")
     for setting in SETTINGS:
         table = data.get(setting.section, {})
-        raw = table.get(setting.name, setting.default) if isinstance(table, dict) else None
+        if not isinstance(table, dict):
+            continue  # reported once above, not once per key
+        raw = table.get(setting.name, setting.default)
         try:
             values[setting.key] = setting.parse(raw)
         except Invalid as exc:
             problems.append(f"{setting.key}: {exc}")
-    _check_cross(values, problems)
+    if len(values) == len(SETTINGS):
+        _check_cross(values, problems)
     if problems:
         raise ConfigError(problems, path)
     return build(values, path)

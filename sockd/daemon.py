@@ -358,8 +358,11 @@ class Daemon:
     def _on_stop(self, event: StopEvent) -> None:
         if self._stop is None:
             self._stop = event
-        else:
-            self._cut_short = True  # a second signal during the drain cuts it short
+        elif event.source != "control":
+            # A second SIGTERM/SIGINT during the drain cuts it short (an operator's
+            # second Ctrl-C); a second `sockctl stop` only asks about the drain in
+            # progress, as a script re-running `stop --wait` does.
+            self._cut_short = True
 
     def _reload_for(self, event: ReloadEvent) -> None:
         if self._stop is not None:
@@ -530,12 +533,14 @@ class Daemon:
         timeout = stop.timeout if stop.timeout is not None else self.hub.settings.shutdown_timeout
         began = time.monotonic()
         self.state = State.DRAINING
-        self.hub.draining.set()
         self.notifier.stopping()
         self.acceptor.shutdown()
         for listener in self.acceptor.listeners.values():
             listener.socket.close()  # new connections are refused from here on
+        # Counted before handlers learn of the drain: one that ends at once on
+        # self.draining still counts as finished, not as never having been open.
         at_start = self.registry.count()
+        self.hub.draining.set()
         self.log.info("server.stopping", source=stop.source, active=at_start, timeout_s=timeout)
         self._signal_children(signal.SIGTERM)
         deadline = began + timeout
@@ -653,6 +658,12 @@ class Daemon:
             self._reload_lock.release()
 
     def stop(self, timeout: float | None) -> dict[str, Any]:
+        stopping = self._stop
+        if stopping is not None:  # already draining: report that drain, change nothing
+            effective = stopping.timeout
+            if effective is None:
+                effective = self.hub.settings.shutdown_timeout
+            return {"state": "draining", "timeout": effective, "active": self.registry.count()}
         effective = timeout if timeout is not None else self.hub.settings.shutdown_timeout
         self._post(StopEvent("control", timeout))
         return {"state": "draining", "timeout": effective, "active": self.registry.count()}

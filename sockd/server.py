@@ -776,9 +776,12 @@ def finish_child(registry: Registry, pid: int, status: int) -> None:
 
 def bind_socket(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
     """Bind and listen on ``address``; raise OSError with the address in the message."""
-    infos = socket.getaddrinfo(
-        address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
     family, socktype, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, socktype, proto)
     try:

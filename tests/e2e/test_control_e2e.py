@@ -41,6 +41,7 @@ from tests.conftest import (
     children_of,
     connect,
     recv_exactly,
+    recv_line,
     render_config,
     require_reachable_by_others,
 )
@@ -425,6 +426,29 @@ def test_stop_is_answered_202_before_exit_and_drains(sockd_factory: Any, short_t
     assert reloaded.returncode == 1
     assert "stopping" in reloaded.stderr
     held.close()  # the Silent handler sees EOF and returns: the drain ends by itself
+    assert proc.wait_exit() == 0
+    stopped = proc.wait_for("server.stopped")
+    assert (stopped["finished"], stopped["cut"]) == (1, 0)
+
+
+def test_a_second_stop_reports_the_drain_and_cuts_nothing(
+    sockd_factory: Any, short_tmp: Path
+) -> None:
+    """Re-running ``sockctl stop`` during a drain (a script's retry) reports the drain in
+    progress, with its own timeout, and leaves open connections to finish."""
+    proc = sockd_factory(
+        base_config(short_tmp, handler="tests.handlers:ReplyOnLine", shutdown_timeout=60)
+    )
+    (address,) = proc.wait_ready()
+    with connect(address) as sock:
+        proc.wait_for("test.blocked")
+        first = ctl_json(short_tmp, "stop", "--timeout", "40")
+        assert (first["state"], first["timeout"], first["active"]) == ("draining", 40, 1)
+        proc.wait_for("server.stopping")
+        second = ctl_json(short_tmp, "stop", "--timeout", "1")
+        assert (second["state"], second["timeout"], second["active"]) == ("draining", 40, 1)
+        sock.sendall(b"finish\n")
+        assert recv_line(sock) == b"done:finish\n"
     assert proc.wait_exit() == 0
     stopped = proc.wait_for("server.stopped")
     assert (stopped["finished"], stopped["cut"]) == (1, 0)

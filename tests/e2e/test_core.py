@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -228,7 +229,11 @@ def test_draining_flag_lets_handlers_finish_early(sockd_factory: Any, short_tmp:
         proc.signal(signal.SIGTERM)
         assert recv_line(sock) == b"bye\n"
         assert proc.wait_exit() == 0
-        assert proc.wait_for("server.stopped")["cut"] == 0
+        # It was open when the stop began, and it finished (was counted as 0 in
+        # threading mode when the handler ended before the count was taken).
+        assert proc.wait_for("server.stopping")["active"] == 1
+        stopped = proc.wait_for("server.stopped")
+        assert (stopped["finished"], stopped["cut"]) == (1, 0)
         sock.close()
 
 
@@ -269,6 +274,56 @@ def run_sockd(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=30,
         check=False,
     )
+
+
+def test_unresolvable_listen_host_is_one_line_exit_1(sockd_factory: Any, short_tmp: Path) -> None:
+    """A listen name that does not resolve (checked at bind: DNS may be late at boot)
+    gives exit status 1 and one line naming the address."""
+    proc = sockd_factory(base_config(short_tmp, listen=["nosuchhost.invalid:9000"]))
+    assert proc.wait_exit() == 1
+    errors = [line for line in proc.stderr.splitlines() if line]
+    assert len(errors) == 1, proc.stderr
+    assert "cannot listen on nosuchhost.invalid:9000" in errors[0]
+
+
+def test_handler_module_in_the_working_directory_imports(short_tmp: Path) -> None:
+    """handler = "myservice:Upper" finds myservice.py where sockd starts, as README shows."""
+    (short_tmp / "myservice.py").write_text(
+        "import socketserver\n"
+        "class Upper(socketserver.BaseRequestHandler):\n"
+        "    def handle(self):\n"
+        "        pass\n"
+    )
+    (short_tmp / "s.toml").write_text('[server]\nhandler = "myservice:Upper"\n')
+    # The installed command, not `python -m sockd`: -m puts the directory on sys.path.
+    command = str(Path(sys.executable).parent / "sockd")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def check(cwd: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [command, "--check-config", "--config", str(short_tmp / "s.toml")],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+
+    result = check(short_tmp)
+    assert result.returncode == 0, result.stderr
+    elsewhere = check(REPO)
+    assert elsewhere.returncode == 78
+    assert 'cannot import module "myservice"' in elsewhere.stderr
+
+
+def test_check_config_rejects_a_missing_group(short_tmp: Path) -> None:
+    """A control.group that does not exist fails --check-config (78), not the start (1)."""
+    path = short_tmp / "g.toml"
+    path.write_text('[control]\ngroup = "no-such-group-sockd"\n')
+    result = run_sockd("--check-config", "--config", str(path))
+    assert result.returncode == 78
+    assert 'control.group: no such group "no-such-group-sockd"' in result.stderr
 
 
 def test_bad_config_reports_every_problem_and_exits_78(short_tmp: Path) -> None:

@@ -49,12 +49,17 @@ def test_address_parsing(text: str, expected: Address) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["9000", "::1:9000", "[::1]9000", "[nope]:1", "h:70000", "h:x", ":80"]
+    "text", ["9000", "::1:9000", "[::1]9000", "[nope]:1", "h:70000", "h:x", ":80", "256.1.1.1:80"]
 )
 def test_bad_addresses_are_refused(text: str) -> None:
     """Unparsable addresses raise ValueError with a reason."""
     with pytest.raises(ValueError, match=r".+"):
         Address.parse(text)
+
+
+def test_a_section_that_is_not_a_table_is_one_problem() -> None:
+    """server = 5 is reported once, not once for every key of the section."""
+    assert problems_of({"server": 5}) == ["server: expected a table, got 5"]
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -100,7 +105,16 @@ def test_every_problem_is_reported_at_once() -> None:
         ({"logging": {"output": "/no/such/dir/log"}}, "logging.output:"),
         ({"control": {"mode": "0999"}}, "control.mode: expected a file mode"),
         ({"control": {"socket": "/x" * 60}}, "control.socket: a Unix socket path must be at most"),
-        ({"control": {"group": "g", "read_group": "g"}}, "control.read_group: must differ"),
+        ({"control": {"group": "root", "read_group": "root"}}, "control.read_group: must differ"),
+        ({"control": {"group": "no-such-group-x"}}, "control.group: no such group"),
+        (
+            {"server": {"deny": ["10.0.0.0/8", 5, "x"]}},
+            "server.deny: expected an array of strings: item 2 is 5",
+        ),
+        (
+            {"server": {"allow": ["10.0.0.0/33", "garbage"]}},
+            'server.allow: expected CIDR networks like "10.0.0.0/8", got "10.0.0.0/33", "garbage"',
+        ),
         ({"server": 5}, "server: expected a table"),
         ({"server": {"max_spare_threads": -1}}, "server.max_spare_threads: expected an integer"),
         ({"logging": {"identifier": "my sockd"}}, "logging.identifier: expected at most 64"),

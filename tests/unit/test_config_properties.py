@@ -11,6 +11,7 @@ and ``SOCKD_FUZZ_RANDOM=1`` to explore beyond the fixed examples.
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import json
 import math
 import os
@@ -224,7 +225,21 @@ modes = st.one_of(
 outputs = st.sampled_from(
     ["stdout", "stderr", "journald", "/tmp/sockd-fuzz.log", "/no/such/dir/x.log", "rel.log", ""]
 )
+
+
+def _has_group(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 groups = st.sampled_from(["", "adm", "staff", "root", "0", "no-such-group"])
+#: Groups this machine has (a config naming a missing group is invalid).
+existing_groups = st.sampled_from(
+    [g for g in ["", "adm", "staff", "root", "0"] if not g or g.isdigit() or _has_group(g)]
+)
 socket_paths = st.one_of(
     st.sampled_from(["/tmp/sockd-fuzz.sock", "ctl.sock", "", "/" + "s" * 107, "/" + "é" * 60]),
     st.text(max_size=20),
@@ -255,7 +270,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "logging.identifier": st.sampled_from(["sockd", "sockd-alpha", "x" * 64]),
     "control.socket": st.sampled_from(["/tmp/sockd-fuzz.sock", "ctl.sock", "/" + "s" * 106]),
     "control.mode": st.one_of(st.sampled_from(["0660", "0600", "0", "777"]), st.integers(0, 0o777)),
-    "control.group": groups,
+    "control.group": existing_groups,
     "control.read_group": st.just(""),  # may not equal control.group
     "control.request_timeout": st.one_of(st.integers(1, 3600), st.floats(0.1, 3600)),
 }
