@@ -44,7 +44,10 @@ EVENTS: Final = {
     "conn.close": "the canonical line for one connection: duration, bytes, how it ended",
     "conn.refused": "connections refused by a limit or access rule (rate-limited summary): counts",
     "server.throttled": "accepting paused at a limit; connections wait in the backlog: counts",
-    "handler.error": "the handler raised: traceback in 'exception'; that connection closes",
+    "handler.error": (
+        "the handler raised: traceback in 'exception'; that connection closes (a "
+        "JSONActionHandler action that raised gets an error reply, and the connection goes on)"
+    ),
     "accept.error": "accept() failed (EMFILE, ENFILE, ...); the loop backs off",
     "child.exited": "forking mode: a child ended abnormally (signal or non-zero status)",
     "reload.applied": "a reload took effect: changes, generation",
