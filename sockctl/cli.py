@@ -9,7 +9,9 @@ traceback. ``sys.exit`` is left to click's ``main``.
 
 Why not ``click.ClickException`` for these: click declares its ``exit_code`` as a class
 variable, while ours depends on the instance (a daemon error is 1 or 78 by its code),
-and the client stays usable without click. Usage errors remain click's own (exit 2).
+and the client stays usable without click. Usage errors remain click's own (exit 2),
+except an empty ``--socket``: click's parser accepts it, so ``main`` refuses it with a
+``SockctlError`` carrying exit 2, one line like every other sockctl error.
 
 Exit statuses: 0 success, 1 the daemon refused or failed, 2 usage, 3 not running or
 unreachable, 4 permission denied, 5 control-API version mismatch, 78 invalid config.
@@ -74,7 +76,8 @@ def socket_from_config(path: str) -> str:
     control = data.get("control")
     value = control.get("socket") if isinstance(control, dict) else None
     if isinstance(value, str) and value:
-        return value
+        resolved: str = sockd_config.relative_to_config(value, path)  # as sockd reads it
+        return resolved
     default: str = sockd_config.SETTINGS_BY_KEY["control.socket"].default
     return default
 
@@ -90,7 +93,7 @@ class Settings:
 
     def socket_path(self) -> str:
         """``--socket`` > ``--config``'s ``control.socket`` > $SOCKD_CONTROL_SOCKET > default."""
-        if self.socket:
+        if self.socket is not None:  # never empty: ``main`` refuses that
             return self.socket
         if self.config:
             return socket_from_config(self.config)
@@ -115,6 +118,27 @@ def _error_lines(exc: SockctlError) -> list[str]:
     if isinstance(exc, ConfigFileError):
         return render.error_lines(exc.message, exc.problems)
     return render.error_lines(exc.message)
+
+
+class ConnectionId(click.IntRange):
+    """A connection id as ``sockctl connections`` lists it: an integer >= 0.
+
+    ``IntRange`` does the parsing; only its message changes, which would otherwise
+    talk about "a valid integer range" to someone who mistyped an id.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(min=0)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return int(super().convert(value, param, ctx))
+        except click.BadParameter:
+            raise click.BadParameter(
+                f"expected a connection id (a non-negative integer), got {value!r}",
+                ctx=ctx,
+                param=param,
+            ) from None
 
 
 class SockctlGroup(click.Group):
@@ -142,6 +166,8 @@ class SockctlGroup(click.Group):
 
 @click.group(
     cls=SockctlGroup,
+    # Subcommands inherit this from the group's context: -h works everywhere, as in sockd.
+    context_settings={"help_option_names": ["-h", "--help"]},
     epilog=(
         "Exit status: 0 success, 1 the daemon refused or failed, 2 usage, 3 sockd not "
         "running or unreachable, 4 permission denied, 5 control-API version mismatch, "
@@ -190,6 +216,8 @@ def main(
     color: bool | None,
 ) -> None:
     """Manage a running sockd through its control socket."""
+    if socket == "":  # would otherwise read as "not given" and quietly use the default
+        raise SockctlError("--socket needs a path, got an empty string", ExitCode.USAGE)
     if color is None and os.environ.get("NO_COLOR"):
         color = False
     ctx.color = color
@@ -219,7 +247,7 @@ def connections(settings: Settings) -> None:
 
 
 @main.command()
-@click.argument("connection_id", metavar="ID", type=click.IntRange(min=0))
+@click.argument("connection_id", metavar="ID", type=ConnectionId())
 @pass_settings
 def kick(settings: Settings, connection_id: int) -> None:
     """Close the connection ID (see `sockctl connections`)."""
@@ -361,6 +389,8 @@ def logs(settings: Settings, lines: int, follow: bool, level: str, as_json: bool
     """Show recent log events; -f follows new ones.
 
     Events come from the daemon's in-memory ring buffer, whatever its log output.
+    -f ends with Ctrl-C, or when the daemon closes the stream (said on stderr); both
+    exit 0.
     """
     events = settings.client().logs(n=lines, level=level.lower(), follow=follow)
     ndjson = as_json or settings.json
@@ -371,9 +401,13 @@ def logs(settings: Settings, lines: int, follow: bool, level: str, as_json: bool
             else:
                 click.echo(render.log_line(event, color=True))
     except KeyboardInterrupt:
-        pass  # Ctrl-C is how a follow ends: not an error
+        return  # Ctrl-C is how a follow ends: not an error, nothing to say
     finally:
         events.close()  # closes the connection: the daemon stops streaming
+    if follow:
+        # A follow only ends by itself when the daemon ends it: cleanly (the stream's
+        # last chunk) when it stops. A stream that breaks off raised a ProtocolError.
+        click.echo("sockctl: sockd closed the log stream (stopped?)", err=True)
 
 
 @main.command()

@@ -22,6 +22,7 @@ import json
 import os
 import select
 import socket
+import stat
 import struct
 import time
 from collections.abc import Generator
@@ -44,6 +45,7 @@ __all__ = [
     "LogEvent",
     "LogLevelResult",
     "NoAnswer",
+    "NotASocket",
     "NotRunning",
     "PermissionDenied",
     "ProtocolError",
@@ -175,9 +177,24 @@ class SockctlError(Exception):
 class NotRunning(SockctlError):  # noqa: N818 - named for the state it reports, like click's Abort
     """Nothing answers at the control socket: no file, nobody listening, unreachable."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"sockd is not running: {reason} ({path})", ExitCode.NOT_RUNNING)
+    def __init__(self, path: str, reason: str, message: str | None = None) -> None:
+        super().__init__(
+            message or f"sockd is not running: {reason} ({path})", ExitCode.NOT_RUNNING
+        )
         self.path = path
+        self.reason = reason
+
+
+class NotASocket(NotRunning):
+    """The control-socket path exists but is something else: a file, a directory.
+
+    Still "cannot be reached" (exit 3), but saying "not running" would send the
+    operator to check the daemon when it is the path that is wrong.
+    """
+
+    def __init__(self, path: str, kind: str) -> None:
+        super().__init__(path, f"not a socket ({kind})", f"{path} is not a socket ({kind})")
+        self.kind = kind
 
 
 class PermissionDenied(SockctlError):  # noqa: N818 - named for the state it reports, like click's Abort
@@ -299,11 +316,36 @@ def _connect_error(path: str, exc: OSError) -> SockctlError:
     if isinstance(exc, FileNotFoundError):
         return NotRunning(path, "no control socket")
     if isinstance(exc, ConnectionRefusedError):
+        # Linux refuses a connect() to a file, directory or FIFO the same way it refuses
+        # one to a socket nobody listens on: only the file's type tells them apart.
+        kind = _not_a_socket(path)
+        if kind is not None:
+            return NotASocket(path, kind)
         return NotRunning(path, "nothing is listening on the control socket")
     if isinstance(exc, TimeoutError):
         return NoAnswer(f"sockd at {path} did not accept the connection in time")
     reason = exc.strerror or str(exc)
     return NotRunning(path, f"cannot connect: {reason}")
+
+
+_FILE_KINDS = (
+    (stat.S_ISREG, "a regular file"),
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _not_a_socket(path: str) -> str | None:
+    """What ``path`` is when it exists and is not a socket (``a directory``), else None."""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks, as connect() does
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    return next((kind for is_kind, kind in _FILE_KINDS if is_kind(mode)), "another kind of file")
 
 
 def _decode_json(data: bytes, what: str) -> Any:

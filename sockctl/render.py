@@ -298,12 +298,16 @@ def reload_view(result: ReloadResult) -> str:
 def error_lines(message: str, errors: Sequence[str] = (), config: bool = False) -> list[str]:
     """An error as lines for stderr: the message, then each problem indented.
 
-    ``config`` marks a rejected reload, which leaves the daemon as it was: saying so
-    answers the operator's first question.
+    ``config`` marks a rejected reload (``invalid_config``), which leaves the daemon as
+    it was: the headline says so once, with the number of problems, and the problems
+    follow. The daemon's own message says the same in other words (``reload rejected:
+    the configuration has 2 problems; ...``), so it is not repeated after it; it is
+    shown only when the answer lists no problems, as then it is all there is.
     """
     head = message
-    if config:
-        head = f"reload rejected, sockd keeps its current configuration: {message}"
+    if config and errors:
+        count = _plural(len(errors), "problem")
+        head = f"reload rejected, sockd keeps its current configuration ({count}):"
     return [head, *(f"  {error}" for error in errors)]
 
 
@@ -425,6 +429,9 @@ _KNOWN_METRICS: dict[str, tuple[str, Any]] = {
     "sockd_bytes_sent_total": ("bytes sent", _bytes),
     "sockd_handler_errors_total": ("handler errors", _number),
     "sockd_accept_errors_total": ("accept errors", _number),
+    "sockd_throttled_total": ("throttled", _number),
+    "sockd_threads_started_total": ("threads started", _number),
+    "sockd_threads_spare": ("spare threads", _number),
     "sockd_children_killed_total": ("children killed", _number),
     "sockd_reloads_total": ("reloads", _number),
 }

@@ -438,7 +438,8 @@ SETTINGS: tuple[Setting, ...] = (
         "logging.output",
         "stdout",
         _log_output,
-        '"stdout", "stderr", "journald" or a file path (reopened by sockctl reopen-logs).',
+        '"stdout", "stderr", "journald" or a file path (reopened by sockctl reopen-logs; '
+        "a relative path is taken from the config file's directory).",
     ),
     Setting(
         "logging.ring_size",
@@ -457,7 +458,8 @@ SETTINGS: tuple[Setting, ...] = (
         "control.socket",
         "/run/sockd/control.sock",
         _socket_path,
-        "Path of the control channel's Unix socket (sockctl talks to it).",
+        "Path of the control channel's Unix socket (sockctl talks to it); a relative path "
+        "is taken from the config file's directory.",
     ),
     Setting(
         "control.mode",
@@ -486,6 +488,26 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+#: Keys holding a file path: a relative one is taken from the config file's directory.
+FILE_PATHS = frozenset({"control.socket", "logging.output"})
+
+
+def relative_to_config(value: Any, config_path: str) -> Any:
+    """A relative file path made absolute against the config file's directory.
+
+    Not against the working directory: that is "/" after --daemon, and sockctl, which
+    reads control.socket from the same file, runs from anywhere.
+    """
+    if (
+        not isinstance(value, str)
+        or not value
+        or os.path.isabs(value)
+        or value in ("stdout", "stderr", "journald")
+    ):
+        return value
+    return os.path.join(os.path.dirname(os.path.abspath(config_path)), value)
+
+
 SECTIONS = ("server", "logging", "control")
 #: Keys whose value is a free-form table: their contents are not checked key by key.
 FREE_TABLES = frozenset({"server.handler_options"})
@@ -558,6 +580,8 @@ def from_mapping(data: Mapping[str, Any], path: str | None = None) -> Config:
         if not isinstance(table, dict):
             continue  # reported once above, not once per key
         raw = table.get(setting.name, setting.default)
+        if path is not None and setting.key in FILE_PATHS:
+            raw = relative_to_config(raw, path)
         try:
             values[setting.key] = setting.parse(raw)
         except Invalid as exc:

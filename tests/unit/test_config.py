@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sockd import config
-from sockd.config import Address, ConfigError, diff, from_mapping, parse_text
+from sockd.config import Address, ConfigError, diff, from_mapping, load, parse_text
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -219,3 +219,27 @@ def test_readme_event_table_matches_declaration() -> None:
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- events:begin -->\n", 1)[1].split("<!-- events:end -->", 1)[0]
     assert block == events_table()
+
+
+def test_relative_file_paths_are_taken_from_the_config_directory(tmp_path: Path) -> None:
+    """control.socket and logging.output relative to the config file, not the working
+    directory (which --daemon changes to "/" and sockctl does not share)."""
+    (tmp_path / "logs").mkdir()
+    path = tmp_path / "sockd.toml"
+    path.write_text('[control]\nsocket = "c.sock"\n[logging]\noutput = "logs/s.log"\n')
+    config = load(str(path))
+    assert config.control.socket == str(tmp_path / "c.sock")
+    assert config.logging.output == str(tmp_path / "logs" / "s.log")
+    path.write_text('[logging]\noutput = "stderr"\n[control]\nsocket = "/run/x.sock"\n')
+    config = load(str(path))
+    assert (config.logging.output, config.control.socket) == ("stderr", "/run/x.sock")
+    path.write_text('[logging]\noutput = "nodir/s.log"\n')
+    assert any(str(tmp_path / "nodir") in p for p in problems_of_file(path))
+
+
+def problems_of_file(path: Path) -> list[str]:
+    try:
+        load(str(path))
+    except ConfigError as exc:
+        return exc.problems
+    return []

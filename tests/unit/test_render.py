@@ -217,13 +217,25 @@ def test_reload_view_without_changes() -> None:
 
 
 def test_error_lines_for_a_rejected_reload() -> None:
-    """A rejected reload's error says the daemon kept its config, then lists problems."""
-    assert render.error_lines("2 problems", ["a: x", "b: y"], config=True) == [
-        "reload rejected, sockd keeps its current configuration: 2 problems",
+    """A rejected reload's error says once that the daemon kept its config, then lists problems."""
+    message = (
+        "reload rejected: the configuration has 2 problems; the daemon keeps running as before"
+    )
+    assert render.error_lines(message, ["a: x", "b: y"], config=True) == [
+        "reload rejected, sockd keeps its current configuration (2 problems):",
         "  a: x",
         "  b: y",
     ]
+    assert render.error_lines(message, ["a: x"], config=True)[0] == (
+        "reload rejected, sockd keeps its current configuration (1 problem):"
+    )
     assert render.error_lines("plain") == ["plain"]
+
+
+def test_error_lines_for_a_rejected_reload_without_problems() -> None:
+    """A rejection that lists no problems shows the daemon's own message, unprefixed."""
+    message = "reload rejected: the daemon keeps running as before"
+    assert render.error_lines(message, [], config=True) == [message]
 
 
 def test_small_views() -> None:
@@ -290,6 +302,21 @@ def test_metrics_view() -> None:
         'weird_metric{path=a "quoted" \\ value}: inf',
     ]
     assert render.metrics_view([]) == "no metrics"
+
+
+def test_metrics_view_labels_sockd_thread_and_throttle_metrics() -> None:
+    """sockd's thread and throttle metrics read by label, like its other metrics, not raw."""
+    text = """\
+sockd_throttled_total{reason="max_connections"} 2
+sockd_threads_started_total 5
+sockd_threads_spare 1
+"""
+    lines = render.metrics_view(render.parse_metrics(text)).splitlines()
+    assert lines == [
+        "throttled:       2 (max_connections: 2)",
+        "threads started: 5",
+        "spare threads:   1",
+    ]
 
 
 def test_log_line_plain() -> None:

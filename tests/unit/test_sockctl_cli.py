@@ -31,6 +31,7 @@ from click.testing import CliRunner, Result
 from sockctl import cli
 from sockctl.client import (
     ControlClient,
+    NotASocket,
     NotRunning,
     PermissionDenied,
     _connect_error,
@@ -343,6 +344,16 @@ def test_kick_needs_a_number(daemon: FakeServer) -> None:
     assert daemon.seen == []
 
 
+@pytest.mark.parametrize("given", ["abc", "1.5", "-1"])
+def test_kick_names_what_it_expected(daemon: FakeServer, given: str) -> None:
+    """`kick abc` says a connection id was expected, not "a valid integer range"; exit 2."""
+    result = ask(daemon, "kick", "--", given)
+    assert result.exit_code == 2
+    assert f"expected a connection id (a non-negative integer), got '{given}'" in result.stderr
+    assert "integer range" not in result.stderr
+    assert daemon.seen == []
+
+
 def test_config_prints_valid_toml(daemon: FakeServer) -> None:
     """`config` prints TOML that parses back to the effective values (unset keys omitted)."""
     result = ask(daemon, "config")
@@ -386,6 +397,26 @@ def test_reload_rejected_prints_every_error_and_exits_78(daemon: FakeServer) -> 
     assert lines[0].startswith("sockctl: reload rejected, sockd keeps its current configuration")
     assert lines[1:] == [f"sockctl:   {e}" for e in errors]
     assert result.stdout == ""
+
+
+def test_reload_rejected_says_it_once(daemon: FakeServer) -> None:
+    """With sockd's own error body, the rejection is said once, then each problem follows."""
+    errors = ['server.mode: expected "threading" or "forking"', "server.bogus: unknown key"]
+    body = {
+        "error": {
+            "code": "invalid_config",
+            "message": "reload rejected: the configuration has 2 problems; "
+            "the daemon keeps running as before",
+            "details": {"errors": errors},
+        }
+    }
+    daemon.set("POST", "/v1/reload", Canned(422, body))
+    result = ask(daemon, "reload")
+    assert result.exit_code == 78
+    assert result.stderr.splitlines() == [
+        "sockctl: reload rejected, sockd keeps its current configuration (2 problems):",
+        *(f"sockctl:   {e}" for e in errors),
+    ]
 
 
 def test_reload_rejected_json_prints_the_error_object(daemon: FakeServer) -> None:
@@ -522,6 +553,18 @@ def test_stats_reads_the_prometheus_text(daemon: FakeServer) -> None:
     assert len(starts) == 1  # every value starts in the same column
 
 
+def test_stats_labels_the_thread_metrics(daemon: FakeServer) -> None:
+    """`stats` shows sockd's thread metrics as `threads started` and `spare threads`."""
+    text = METRICS + "sockd_threads_started_total 5\nsockd_threads_spare 2\n"
+    daemon.set("GET", "/metrics", Canned(body=text, content_type="text/plain"))
+    result = ask(daemon, "stats")
+    assert result.exit_code == 0
+    rows = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert rows["threads started"].strip() == "5"
+    assert rows["spare threads"].strip() == "2"
+    assert "sockd_threads" not in result.stdout
+
+
 def test_stats_json_lists_samples(daemon: FakeServer) -> None:
     """`--json stats` prints one object per sample: name, labels, value."""
     daemon.set("GET", "/metrics", Canned(body=METRICS, content_type="text/plain"))
@@ -576,6 +619,42 @@ def test_logs_follow_prints_streamed_events(daemon: FakeServer) -> None:
     assert result.exit_code == 0
     assert len(result.stdout.splitlines()) == 2
     assert daemon.seen[-1].query["follow"] == ["1"]
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_logs_follow_says_when_the_daemon_ends_the_stream(
+    daemon: FakeServer, json_flag: list[str]
+) -> None:
+    """When the daemon ends a `logs -f` stream cleanly, one stderr line says so; exit 0."""
+    daemon.set("GET", "/v1/logs", _stream(EVENTS))
+    result = ask(daemon, "logs", "-f", *json_flag)
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 2  # stdout keeps only the events
+    assert result.stderr == "sockctl: sockd closed the log stream (stopped?)\n"
+
+
+def test_logs_without_follow_ends_quietly(daemon: FakeServer) -> None:
+    """Plain `logs` ends when the history does: nothing on stderr."""
+    daemon.set("GET", "/v1/logs", _stream(EVENTS))
+    result = ask(daemon, "logs")
+    assert result.exit_code == 0
+    assert result.stderr == ""
+
+
+def test_logs_follow_broken_stream_exits_1(daemon: FakeServer) -> None:
+    """A `logs -f` stream cut off without its last chunk is an error (exit 1), not an end."""
+
+    def cut_off(handler: Handler) -> None:
+        handler.start_stream()
+        handler.chunk(json.dumps(EVENTS[0]).encode() + b"\n")
+        handler.close_connection = True  # no terminating chunk: the daemon died
+
+    daemon.set("GET", "/v1/logs", cut_off)
+    result = ask(daemon, "logs", "-f")
+    assert result.exit_code == 1
+    assert len(result.stdout.splitlines()) == 1
+    assert result.stderr.startswith("sockctl: the log stream from ")
+    assert "closed the log stream" not in result.stderr
 
 
 def test_client_yields_each_event_as_it_arrives(daemon: FakeServer) -> None:
@@ -654,6 +733,17 @@ def test_socket_nobody_listens_on_exits_3(sockdir: str) -> None:
     assert "nothing is listening" in result.stderr
 
 
+def test_socket_path_that_is_a_file_or_directory_exits_3(sockdir: str) -> None:
+    """A --socket path that is a regular file or a directory says so (not "not running"), exit 3."""
+    regular = os.path.join(sockdir, "control.sock")
+    with open(regular, "w"):
+        pass
+    for path, kind in ((regular, "a regular file"), (sockdir, "a directory")):
+        result = run("--socket", path, "status")
+        assert result.exit_code == 3
+        assert result.stderr == f"sockctl: {path} is not a socket ({kind})\n"
+
+
 def test_forbidden_exits_4(daemon: FakeServer) -> None:
     """A 403 forbidden answer exits 4."""
     body = {"error": {"code": "forbidden", "message": "uid 1000 may only read"}}
@@ -694,6 +784,15 @@ def test_connect_errors_map_to_their_exit_codes() -> None:
     assert isinstance(_connect_error("/x", FileNotFoundError(2, "no")), NotRunning)
     assert isinstance(_connect_error("/x", ConnectionRefusedError(111, "no")), NotRunning)
     assert _connect_error("/x", OSError(36, "File name too long")).exit_code == 3
+
+
+def test_connect_refused_on_a_non_socket_is_not_a_socket(sockdir: str) -> None:
+    """ECONNREFUSED on a path that is no socket maps to NotASocket, still a NotRunning (3)."""
+    error = _connect_error(sockdir, ConnectionRefusedError(111, "refused"))
+    assert isinstance(error, NotASocket)
+    assert isinstance(error, NotRunning)
+    assert error.exit_code == 3
+    assert error.kind == "a directory"
 
 
 @pytest.mark.parametrize("version", [None, "2", "one"])
@@ -779,6 +878,14 @@ def test_socket_option_beats_config_and_env(daemon: FakeServer, sockdir: str) ->
     assert result.exit_code == 0, result.stderr
 
 
+def test_empty_socket_option_is_a_usage_error(daemon: FakeServer) -> None:
+    """`--socket ''` exits 2 with one line instead of falling back to another socket."""
+    result = run("--socket", "", "status", env={CONTROL_SOCKET_ENV: daemon.path})
+    assert result.exit_code == 2
+    assert result.stderr == "sockctl: --socket needs a path, got an empty string\n"
+    assert daemon.seen == []
+
+
 def test_config_option_beats_env(daemon: FakeServer, sockdir: str) -> None:
     """--config's control.socket wins over $SOCKD_CONTROL_SOCKET."""
     config = write_config(sockdir, daemon.path)
@@ -825,6 +932,17 @@ def test_config_option_reads_only_the_socket(sockdir: str, daemon: FakeServer) -
     assert run("--config", path, "status").exit_code == 0
 
 
+def test_config_relative_socket_is_taken_from_the_config_directory(
+    sockdir: str, daemon: FakeServer
+) -> None:
+    """A relative control.socket means the same file to sockctl as to sockd: next to the
+    config, wherever sockctl runs from."""
+    assert os.path.dirname(daemon.path) == sockdir
+    assert os.getcwd() != sockdir
+    path = write_config(sockdir, os.path.basename(daemon.path), name="relative.toml")
+    assert run("--config", path, "status").exit_code == 0
+
+
 # --- check ----------------------------------------------------------------------------
 
 
@@ -857,6 +975,18 @@ def test_check_json_and_config_default(sockdir: str) -> None:
     assert answer["path"] == path
     assert answer["ok"] is False
     assert answer["problems"][0].startswith("cannot read config file")
+
+
+@pytest.mark.parametrize("command", ["", *sorted(cli.main.commands)])
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_everywhere(command: str, flag: str) -> None:
+    """`-h` and `--help` print help for sockctl and for every command, exit 0."""
+    args = [command, flag] if command else [flag]
+    result = run(*args)
+    assert result.exit_code == 0, result.stderr
+    usage = result.stdout.splitlines()[0]  # CliRunner names the program "main"
+    assert usage.startswith(f"Usage: main {command} ".replace("  ", " "))
+    assert "-h, --help" in result.stdout
 
 
 def test_version_option() -> None:
