@@ -444,8 +444,9 @@ def _labels_text(labels: Mapping[str, str]) -> str:
 def metrics_view(samples: Sequence[Sample]) -> str:
     """``sockctl stats``: known sockd metrics by name, labelled ones broken down.
 
-    A labelled counter shows its total, then each label value in parentheses
-    (``reloads: 3 (applied: 2, rejected: 1)``); anything unknown follows in raw form.
+    A labelled counter shows its total, then each label value that is not 0 in
+    parentheses (``reloads: 3 (applied: 2, rejected: 1)``); anything unknown follows in
+    raw form.
     """
     by_name: dict[str, list[Sample]] = {}
     for sample in samples:
@@ -460,9 +461,12 @@ def metrics_view(samples: Sequence[Sample]) -> str:
         elif len(group) == 1 and not group[0].labels:
             rows.append((label, fmt(group[0].value)))
         else:
-            parts = [f"{', '.join(s.labels.values()) or '-'}: {fmt(s.value)}" for s in group]
+            # Zero series (sockd exports every known reason from the start) are noise here.
+            parts = [
+                f"{', '.join(s.labels.values()) or '-'}: {fmt(s.value)}" for s in group if s.value
+            ]
             total = sum(s.value for s in group)
-            rows.append((label, f"{fmt(total)} ({', '.join(parts)})"))
+            rows.append((label, f"{fmt(total)} ({', '.join(parts)})" if parts else fmt(total)))
     for name, group in by_name.items():
         for sample in group:
             shown = f"{name}{{{_labels_text(sample.labels)}}}" if sample.labels else name

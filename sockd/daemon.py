@@ -38,6 +38,8 @@ from sockd.logs import LogSystem, Subscription
 from sockd.protocol import API_VERSION, LOG_LEVELS, State
 from sockd.server import (
     LISTENER_CLASSES,
+    REFUSAL_REASONS,
+    THROTTLE_REASONS,
     Acceptor,
     Connection,
     Hub,
@@ -709,7 +711,9 @@ class Daemon:
                     "sockd_connections_refused_total",
                     "Connections refused by a limit or access rule.",
                     "reason",
-                    counters.refused,
+                    # Every reason from the start, at 0: rate() alerts work before the
+                    # first refusal, and a typo in one shows as a missing series.
+                    {**dict.fromkeys(REFUSAL_REASONS, 0), **counters.refused},
                 ),
                 metrics.counter(
                     "sockd_bytes_received_total",
@@ -733,7 +737,7 @@ class Daemon:
                     "sockd_throttled_total",
                     "Times accepting paused at a limit (new connections wait in the backlog).",
                     "reason",
-                    counters.throttled,
+                    {**dict.fromkeys(THROTTLE_REASONS, 0), **counters.throttled},
                 ),
                 metrics.counter(
                     "sockd_threads_started_total",

@@ -211,6 +211,12 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
 
 
+#: Why a connection was closed before its handler ran (``conn.refused``, metrics).
+REFUSAL_REASONS: Final = ("denied", "max_connections", "max_per_ip")
+#: Which limit paused accepting (``server.throttled``, metrics).
+THROTTLE_REASONS: Final = ("max_connections", "max_children", "fd_limit")
+
+
 class Counters:
     """Process-wide totals for /metrics; updated under the registry's lock."""
 

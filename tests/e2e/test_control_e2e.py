@@ -809,6 +809,11 @@ def test_stats_and_metrics_through_curl(sockd_factory: Any, short_tmp: Path) -> 
     assert values[("sockd_bytes_received_total", ())] == 64
     assert values[("sockd_reloads_total", (("result", "applied"),))] == 0
     assert sum(v for (n, _), v in values.items() if n == "sockd_connections_refused_total") == 1
+    # Every reason is there from the start, at 0 until it happens (for rate() alerts).
+    for reason in ("max_connections", "max_per_ip"):
+        assert values[("sockd_connections_refused_total", (("reason", reason),))] == 0
+    for reason in ("max_connections", "max_children", "fd_limit"):
+        assert values[("sockd_throttled_total", (("reason", reason),))] == 0
     info = [ls for n, ls, _ in parsed if n == "sockd_info"]
     assert info == [{"mode": "threading", "version": ctl_json(short_tmp, "status")["version"]}]
     assert values[("sockd_uptime_seconds", ())] > 0

@@ -319,6 +319,18 @@ sockd_threads_spare 1
     ]
 
 
+def test_metrics_view_leaves_zero_reasons_out_of_the_breakdown() -> None:
+    """sockd exports every reason from the start; stats shows only those that happened."""
+    text = """\
+sockd_connections_refused_total{reason="denied"} 1
+sockd_connections_refused_total{reason="max_connections"} 0
+sockd_reloads_total{result="applied"} 0
+sockd_reloads_total{result="rejected"} 0
+"""
+    lines = render.metrics_view(render.parse_metrics(text)).splitlines()
+    assert lines == ["connections refused: 1 (denied: 1)", "reloads:             0"]
+
+
 def test_log_line_plain() -> None:
     """A log event reads `HH:MM:SS.mmm LEVEL event key=value`, quoting where needed."""
     event = {
