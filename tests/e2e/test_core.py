@@ -265,12 +265,27 @@ def test_address_in_use_is_one_line_exit_1(sockd_factory: Any, short_tmp: Path) 
     holder.close()
 
 
-def run_sockd(*args: str) -> subprocess.CompletedProcess[str]:
+def run_sockd(
+    *args: str, cwd: Path = REPO, installed: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """sockd with ``args``; ``installed``: the console script, as users run it, without
+    the test's PYTHONPATH (``python -m sockd`` would put ``cwd`` on sys.path itself)."""
+    command = (
+        [str(Path(sys.executable).parent / "sockd")]
+        if installed
+        else [
+            sys.executable,
+            "-m",
+            "sockd",
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if not (installed and k == "PYTHONPATH")}
     return subprocess.run(
-        [sys.executable, "-m", "sockd", *args],
+        [*command, *args],
         capture_output=True,
         text=True,
-        cwd=REPO,
+        cwd=cwd,
+        env=env,
         timeout=30,
         check=False,
     )
@@ -295,20 +310,10 @@ def test_handler_module_in_the_working_directory_imports(short_tmp: Path) -> Non
         "        pass\n"
     )
     (short_tmp / "s.toml").write_text('[server]\nhandler = "myservice:Upper"\n')
-    # The installed command, not `python -m sockd`: -m puts the directory on sys.path.
-    command = str(Path(sys.executable).parent / "sockd")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    config = str(short_tmp / "s.toml")
 
     def check(cwd: Path) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [command, "--check-config", "--config", str(short_tmp / "s.toml")],
-            capture_output=True,
-            text=True,
-            cwd=cwd,
-            env=env,
-            timeout=30,
-            check=False,
-        )
+        return run_sockd("--check-config", "--config", config, cwd=cwd, installed=True)
 
     result = check(short_tmp)
     assert result.returncode == 0, result.stderr
