@@ -113,7 +113,10 @@ def _emit_json(value: Any) -> None:
 def _error_lines(exc: SockctlError) -> list[str]:
     if isinstance(exc, DaemonError):
         return render.error_lines(
-            exc.message, exc.errors, config=exc.code == ErrorCode.INVALID_CONFIG
+            exc.message,
+            exc.errors,
+            config=exc.code == ErrorCode.INVALID_CONFIG,
+            dry_run=exc.details.get("dry_run") is True,
         )
     if isinstance(exc, ConfigFileError):
         return render.error_lines(exc.message, exc.problems)
@@ -270,14 +273,20 @@ def show_config(settings: Settings) -> None:
 
 
 @main.command()
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Only validate the daemon's config file and show what would change.",
+)
 @pass_settings
-def reload(settings: Settings) -> None:
+def reload(settings: Settings, dry_run: bool) -> None:
     """Re-read the config file and apply it; print what changed.
 
     A rejected config lists every problem and exits 78; the daemon keeps running
-    with its current configuration.
+    with its current configuration. --dry-run applies nothing (like supervisorctl's
+    reread): binding added addresses is only tried by a real reload.
     """
-    answer = settings.client().reload()
+    answer = settings.client().reload(dry_run=dry_run)
     if settings.json:
         _emit_json(answer)
     else:

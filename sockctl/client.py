@@ -406,9 +406,14 @@ class ControlClient:
         """``GET /v1/config``: the effective configuration."""
         return _shaped(self._call("GET", "/config"), ConfigDump, "config")
 
-    def reload(self) -> ReloadResult:
-        """``POST /v1/reload``; a rejected config raises ``DaemonError`` (exit 78)."""
-        return _shaped(self._call("POST", "/reload"), ReloadResult, "reload")
+    def reload(self, dry_run: bool = False) -> ReloadResult:
+        """``POST /v1/reload``; a rejected config raises ``DaemonError`` (exit 78).
+
+        ``dry_run``: the daemon validates its config file and answers what would change
+        (``result: "valid"``), applying nothing.
+        """
+        body = {"dry_run": True} if dry_run else None
+        return _shaped(self._call("POST", "/reload", body), ReloadResult, "reload")
 
     def stop(self, timeout: float | None = None) -> StopResult:
         """``POST /v1/stop``; answered before the daemon exits (see ``wait_until_stopped``)."""

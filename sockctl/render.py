@@ -289,13 +289,21 @@ def _change_lines(changes: Iterable[Change]) -> list[str]:
 def reload_view(result: ReloadResult) -> str:
     """``sockctl reload`` when applied: the generation and every ``key: old -> new``."""
     changes = result["changes"]
+    if result["result"] == "valid":  # a dry run
+        if not changes:
+            return "dry run: the config file is valid and changes nothing"
+        count = _plural(len(changes), "change")
+        head = f"dry run: the config file is valid; a reload would apply {count}:"
+        return "\n".join([head, *_change_lines(changes)])
     if not changes:
         return f"reload applied: generation {result['generation']}, no changes"
     head = f"reload applied: generation {result['generation']}, {_plural(len(changes), 'change')}"
     return "\n".join([head, *_change_lines(changes)])
 
 
-def error_lines(message: str, errors: Sequence[str] = (), config: bool = False) -> list[str]:
+def error_lines(
+    message: str, errors: Sequence[str] = (), config: bool = False, dry_run: bool = False
+) -> list[str]:
     """An error as lines for stderr: the message, then each problem indented.
 
     ``config`` marks a rejected reload (``invalid_config``), which leaves the daemon as
@@ -307,7 +315,11 @@ def error_lines(message: str, errors: Sequence[str] = (), config: bool = False) 
     head = message
     if config and errors:
         count = _plural(len(errors), "problem")
-        head = f"reload rejected, sockd keeps its current configuration ({count}):"
+        head = (
+            f"dry run: the config file has {count}; nothing was applied:"
+            if dry_run
+            else f"reload rejected, sockd keeps its current configuration ({count}):"
+        )
     return [head, *(f"  {error}" for error in errors)]
 
 

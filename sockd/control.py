@@ -173,6 +173,8 @@ class ControlBackend(Protocol):
 
     def reload(self) -> ReloadOutcome: ...
 
+    def reload_check(self) -> ReloadOutcome: ...
+
     def stop(self, timeout: float | None) -> dict[str, Any]: ...
 
     def pause(self) -> dict[str, Any]: ...
@@ -499,17 +501,22 @@ def _config(backend: ControlBackend, request: _Request) -> _Answer:
 
 
 def _reload(backend: ControlBackend, request: _Request) -> _Answer:
-    _fields(request, {})
-    outcome = backend.reload()
-    if not outcome.applied:
+    dry_run = _fields(request, {"dry_run": False}).get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise _HTTPError(ErrorCode.BAD_REQUEST, "'dry_run' must be true or false")
+    outcome = backend.reload_check() if dry_run else backend.reload()
+    if outcome.errors or not (dry_run or outcome.applied):
         count = len(outcome.errors)
+        problems = f"the configuration has {count} problem{'' if count == 1 else 's'}"
         raise _HTTPError(
             ErrorCode.INVALID_CONFIG,
-            f"reload rejected: the configuration has {count} problem"
-            f"{'' if count == 1 else 's'}; the daemon keeps running as before",
-            details={"errors": list(outcome.errors)},
+            f"dry run: {problems}; nothing was applied"
+            if dry_run
+            else f"reload rejected: {problems}; the daemon keeps running as before",
+            details={"errors": list(outcome.errors), **({"dry_run": True} if dry_run else {})},
         )
-    return _ok({"result": "applied", "generation": outcome.generation, "changes": outcome.changes})
+    result = "valid" if dry_run else "applied"
+    return _ok({"result": result, "generation": outcome.generation, "changes": outcome.changes})
 
 
 def _stop(backend: ControlBackend, request: _Request) -> _Answer:

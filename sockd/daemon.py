@@ -647,6 +647,23 @@ class Daemon:
             "config": to_dict(self.config),
         }
 
+    def reload_check(self) -> ReloadOutcome:
+        """A dry run: the config file validated and compared with the running config.
+
+        Runs on the control thread and changes nothing. What only applying can prove
+        (binding added addresses, the control socket's new owner) is not tried.
+        """
+        path = self.config_path
+        if path is None:
+            problems = ["sockd was started without a config file to re-read"]
+            return ReloadOutcome(False, self.generation, [], problems)
+        try:
+            new = load(path)
+        except ConfigError as exc:
+            return ReloadOutcome(False, self.generation, [], exc.problems)
+        changes = [c.as_dict() for c in diff(self.config, new)]
+        return ReloadOutcome(False, self.generation, changes, [])
+
     def reload(self) -> ReloadOutcome:
         if self._stop is not None:
             raise BackendUnavailable("the daemon is stopping; reload refused")

@@ -383,6 +383,39 @@ def test_reload_prints_changes_and_rejects_with_every_error(
         echo(sock, b"still serving")
 
 
+def test_reload_dry_run_shows_changes_and_problems_and_applies_nothing(
+    sockd_factory: Any, short_tmp: Path
+) -> None:
+    """``reload --dry-run`` validates the daemon's file and lists what would change; the
+    running config, generation and reload counters stay as they were."""
+    config = base_config(short_tmp)
+    proc = sockd_factory(config)
+    proc.wait_ready()
+    config["logging"]["level"] = "warning"
+    proc.config_path.write_text(render_config(config))
+    result = ctl(short_tmp, "reload", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "dry run: the config file is valid; a reload would apply 1 change:",
+        '  logging.level: "debug" -> "warning"',
+    ]
+    assert ctl_json(short_tmp, "reload", "--dry-run") == {
+        "result": "valid",
+        "generation": 1,
+        "changes": [{"key": "logging.level", "old": "debug", "new": "warning"}],
+    }
+    config["logging"]["level"] = "loud"
+    proc.config_path.write_text(render_config(config))
+    bad = ctl(short_tmp, "reload", "--dry-run")
+    assert bad.returncode == 78
+    err = bad.stderr.splitlines()
+    assert err[0] == "sockctl: dry run: the config file has 1 problem; nothing was applied:"
+    assert err[1].removeprefix("sockctl:").strip().startswith("logging.level:")
+    status = ctl_json(short_tmp, "status")
+    assert (status["generation"], status["log_level"], status["last_reload"]) == (1, "debug", None)
+    assert proc.all("reload.applied") == [] and proc.all("reload.rejected") == []
+
+
 def test_reload_reports_control_mode_as_written(sockd_factory: Any, short_tmp: Path) -> None:
     """A control.mode change reads as the octal string the config and ``config`` use."""
     config = base_config(short_tmp)

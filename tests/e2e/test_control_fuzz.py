@@ -254,6 +254,8 @@ def body_accepted(path: str, body: bytes) -> bool:
         return set(value) <= {"timeout"} and (
             timeout is None or (number and math.isfinite(timeout) and timeout >= 0)
         )
+    if path == "/v1/reload":
+        return set(value) <= {"dry_run"} and isinstance(value.get("dry_run", False), bool)
     return value == {}
 
 
@@ -845,11 +847,14 @@ def test_reload_and_stop_accept_valid_bodies_and_refuse_the_rest(
     refused()
     assert_still_serving(proc, address, ctl)
     generation = json.loads(call(ctl, "GET", "/v1/status").body)["generation"]
-    for body in (b"", b"{}", b" \r\n"):
+    for body in (b"", b"{}", b" \r\n", b'{"dry_run": false}'):
         answer = call(ctl, "POST", "/v1/reload", body)
         check_answer(body, answer, "2xx")
         generation += 1
         assert json.loads(answer.body)["generation"] == generation
+    answer = call(ctl, "POST", "/v1/reload", b'{"dry_run": true}')
+    check_answer(b'{"dry_run": true}', answer, "2xx")
+    assert json.loads(answer.body) == {"result": "valid", "generation": generation, "changes": []}
     answer = call(ctl, "POST", "/v1/stop", b'{"timeout": 0.5}')
     check_answer(b'{"timeout": 0.5}', answer, "2xx")
     assert answer.status == 202

@@ -190,6 +190,10 @@ class FakeBackend:
         self._enter("reload")
         return self.reload_outcome
 
+    def reload_check(self) -> ReloadOutcome:
+        self._enter("reload_check")
+        return self.reload_outcome
+
     def stop(self, timeout: float | None) -> dict[str, Any]:
         self._enter("stop", timeout)
         return {"state": "draining", "timeout": timeout, "active": 3}

@@ -331,6 +331,25 @@ sockd_reloads_total{result="rejected"} 0
     assert lines == ["connections refused: 1 (denied: 1)", "reloads:             0"]
 
 
+def test_reload_view_of_a_dry_run() -> None:
+    """A dry run says it applied nothing, with the changes a reload would make."""
+    none: Any = {"result": "valid", "generation": 4, "changes": []}
+    assert render.reload_view(none) == "dry run: the config file is valid and changes nothing"
+    some: Any = {
+        "result": "valid",
+        "generation": 4,
+        "changes": [{"key": "server.max_connections", "old": 0, "new": 10}],
+    }
+    assert render.reload_view(some).splitlines() == [
+        "dry run: the config file is valid; a reload would apply 1 change:",
+        "  server.max_connections: 0 -> 10",
+    ]
+    assert render.error_lines("x", ["a: b"], config=True, dry_run=True) == [
+        "dry run: the config file has 1 problem; nothing was applied:",
+        "  a: b",
+    ]
+
+
 def test_log_line_plain() -> None:
     """A log event reads `HH:MM:SS.mmm LEVEL event key=value`, quoting where needed."""
     event = {
