@@ -88,6 +88,7 @@ class ServerConfig:
     max_per_ip: int
     ipv6_prefix: int
     idle_timeout: float
+    max_connection_duration: float
     allow: tuple[Network, ...]
     deny: tuple[Network, ...]
     max_children: int
@@ -395,6 +396,13 @@ SETTINGS: tuple[Setting, ...] = (
         0.0,
         _seconds(0, 86400),
         "Close a connection that sends nothing for this many seconds; 0 disables.",
+    ),
+    Setting(
+        "server.max_connection_duration",
+        0.0,
+        _seconds(0, 31_536_000),
+        "Close a connection this many seconds after it was accepted, however busy "
+        '(ended="max_duration"; against clients that trickle data forever); 0 disables.',
     ),
     Setting(
         "server.allow",

@@ -335,8 +335,9 @@ class Daemon:
                 next_housekeeping = now + self._housekeeping_interval()
 
     def _housekeeping_interval(self) -> float:
-        idle = self.hub.settings.idle_timeout
-        return min(HOUSEKEEPING_INTERVAL, idle / 4) if idle else HOUSEKEEPING_INTERVAL
+        settings = self.hub.settings
+        limits = [t / 4 for t in (settings.idle_timeout, settings.max_connection_duration) if t]
+        return min([HOUSEKEEPING_INTERVAL, *limits])
 
     def _handle_events(self) -> None:
         pending_signal_reload = False
@@ -387,6 +388,9 @@ class Daemon:
         idle = self.hub.settings.idle_timeout
         if idle:
             self._close_idle(idle * 1000)
+        longest = self.hub.settings.max_connection_duration
+        if longest:
+            self._close_expired(longest)
         status = self._status_line()
         if status != self._last_status:
             self.notifier.status(status)
@@ -401,6 +405,13 @@ class Daemon:
             stats = tcp_stats(conn.sock)
             if stats is not None and stats.idle_ms >= limit_ms:
                 self._cut(conn, "idle_timeout")
+
+    def _close_expired(self, limit_s: float) -> None:
+        """Close connections older than ``max_connection_duration``, busy or not."""
+        now = time.monotonic()
+        for conn in self.registry.snapshot():
+            if conn.close_reason is None and now - conn.started >= limit_s:
+                self._cut(conn, "max_duration")
 
     @staticmethod
     def _cut(conn: Connection, reason: str) -> None:

@@ -660,7 +660,16 @@ def log_close(conn: Connection, stats: TrafficStats | None, ended: str, **extra:
 
 
 _ENDED_LITERALS: Final = frozenset(
-    {"closed", "error", "peer_gone", "kicked", "idle_timeout", "drain_deadline", "killed"}
+    {
+        "closed",
+        "error",
+        "peer_gone",
+        "kicked",
+        "idle_timeout",
+        "max_duration",
+        "drain_deadline",
+        "killed",
+    }
 )
 _json_str = json.encoder.encode_basestring  # C: quotes and escapes one string
 

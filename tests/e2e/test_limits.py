@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import signal
 import socket
@@ -11,6 +12,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from sockctl.client import ControlClient
 from tests.conftest import (
@@ -173,6 +176,44 @@ def test_idle_timeout_closes_silent_connections(sockd_factory: Any, short_tmp: P
     assert len(open_ids) == 1  # the chatty one survived
     chatty.close()
     quiet.close()
+
+
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+def test_max_connection_duration_closes_even_a_busy_connection(
+    sockd_factory: Any, short_tmp: Path, mode: str
+) -> None:
+    """A client trickling a byte every 0.1 s (never idle) is closed at
+    max_connection_duration, with ended="max_duration"; the server keeps serving."""
+    config = base_config(
+        short_tmp, max_connection_duration=0.6, handler="tests.handlers:Silent", mode=mode
+    )
+    proc = sockd_factory(config)
+    (address,) = proc.wait_ready()
+    trickler = connect(address)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.1):  # the workload: never idle for long
+                trickler.sendall(b".")
+
+    talker = threading.Thread(target=trickle, daemon=True)
+    talker.start()
+    try:
+        trickler.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):
+            while trickler.recv(10):  # Silent never answers: only the close ends this
+                pass
+        closed = proc.wait_for("conn.close")
+        assert closed["ended"] == "max_duration"
+        assert 600 <= closed["duration_ms"] < 5000
+    finally:
+        stop.set()
+        talker.join(5)
+        trickler.close()
+    mark = proc.mark()
+    with connect(address):  # still accepting and running handlers
+        proc.wait_for("test.blocked", start=mark)
 
 
 def test_forking_max_children_does_not_block_loop(sockd_factory: Any, short_tmp: Path) -> None:
