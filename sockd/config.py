@@ -86,6 +86,8 @@ class ServerConfig:
     max_connections: int
     on_limit: OnLimit
     max_per_ip: int
+    rate_per_ip: float
+    rate_burst: int
     ipv6_prefix: int
     idle_timeout: float
     max_connection_duration: float
@@ -215,6 +217,14 @@ def _string(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise Invalid(f"expected a non-empty string, got {_describe(value)}")
     return value
+
+
+def _rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Invalid(f"expected connections per second (a number), got {_describe(value)}")
+    if not 0 <= value <= 1_000_000:  # nan fails this too
+        raise Invalid(f"expected connections per second from 0 to 1000000, got {value!r}")
+    return float(value)
 
 
 def _identifier(value: Any) -> str:
@@ -386,10 +396,23 @@ SETTINGS: tuple[Setting, ...] = (
         "Concurrent connections from one peer address (IPv6: one prefix); 0 means no limit.",
     ),
     Setting(
+        "server.rate_per_ip",
+        0.0,
+        _rate,
+        "New connections per second one peer address (IPv6: one prefix) may open, "
+        "sustained; the excess is closed at once. 0 means no limit.",
+    ),
+    Setting(
+        "server.rate_burst",
+        10,
+        _integer(1, 1_000_000),
+        "With rate_per_ip: connections a peer may open at once before the rate applies.",
+    ),
+    Setting(
         "server.ipv6_prefix",
         64,
         _integer(1, 128),
-        "Prefix length that counts as one IPv6 peer for max_per_ip.",
+        "Prefix length that counts as one IPv6 peer for max_per_ip and rate_per_ip.",
     ),
     Setting(
         "server.idle_timeout",

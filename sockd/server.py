@@ -212,9 +212,43 @@ def _iso(ts: float) -> str:
 
 
 #: Why a connection was closed before its handler ran (``conn.refused``, metrics).
-REFUSAL_REASONS: Final = ("denied", "max_connections", "max_per_ip")
+REFUSAL_REASONS: Final = ("denied", "max_connections", "max_per_ip", "rate_per_ip")
 #: Which limit paused accepting (``server.throttled``, metrics).
 THROTTLE_REASONS: Final = ("max_connections", "max_children", "fd_limit")
+
+
+class PeerRates:
+    """Token buckets for ``server.rate_per_ip``: new connections per second per peer.
+
+    Touched only by the accepting thread, so no lock. A bucket that has filled up again
+    holds nothing worth keeping; those are dropped at most once per refill time, which
+    bounds memory under a flood from many addresses without a per-connection cost.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: dict[bytes | str, tuple[float, float]] = {}
+        self._next_prune = 0.0
+
+    def allow(self, key: bytes | str, rate: float, burst: int, now: float) -> bool:
+        """Take one token from ``key``'s bucket; False (and nothing taken) if it is empty."""
+        tokens, last = self._buckets.get(key, (float(burst), now))
+        tokens = min(float(burst), tokens + (now - last) * rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if now >= self._next_prune:
+            self._prune(rate, burst, now)
+        return allowed
+
+    def _prune(self, rate: float, burst: int, now: float) -> None:
+        self._buckets = {
+            key: (tokens, last)
+            for key, (tokens, last) in self._buckets.items()
+            if tokens + (now - last) * rate < burst
+        }
+        self._next_prune = now + max(1.0, burst / rate)
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
 
 class Counters:
@@ -349,6 +383,8 @@ class Hub:
         #: Connections that fit in the descriptor limit, leaving a reserve for the
         #: control channel, log files and reload binds (set by the daemon at start).
         self.fd_capacity: int = 1 << 62
+        #: Per-peer connection rates (server.rate_per_ip), kept across reloads.
+        self.rates = PeerRates()
         #: Threading mode's connection threads; outlives listeners across reloads.
         self.workers = WorkerPool(self._spare_threads(settings))
 
@@ -534,9 +570,15 @@ class ListenerMixin:
         ):
             hub.registry.refused("max_connections")
             return False
-        key = hub.rules.peer_key(host) if settings.max_per_ip else host
+        per_peer = settings.max_per_ip or settings.rate_per_ip
+        key = hub.rules.peer_key(host) if per_peer else host
         if settings.max_per_ip and hub.registry.peer_count(key) >= settings.max_per_ip:
             hub.registry.refused("max_per_ip")
+            return False
+        if settings.rate_per_ip and not hub.rates.allow(
+            key, settings.rate_per_ip, settings.rate_burst, time.monotonic()
+        ):
+            hub.registry.refused("rate_per_ip")
             return False
         conn = Connection(
             hub.registry.next_id(),

@@ -126,6 +126,27 @@ def test_max_per_ip_counts_each_address(sockd_factory: Any, short_tmp: Path) -> 
     b.close()
 
 
+def test_rate_per_ip_refuses_a_burst_beyond_the_bucket(sockd_factory: Any, short_tmp: Path) -> None:
+    """With rate_burst = 3 and a slow rate, the 4th..10th immediate connections from one
+    address are closed unserved; another address is unaffected; the refusals are
+    counted and summarised under rate_per_ip."""
+    config = base_config(short_tmp, listen=["127.0.0.1:0"], rate_per_ip=0.2, rate_burst=3)
+    proc = sockd_factory(config)
+    (address,) = proc.wait_ready()
+    answered = 0
+    for _ in range(10):
+        with socket.create_connection(address, timeout=5) as sock:
+            sock.sendall(b"x")
+            with contextlib.suppress(ConnectionResetError):
+                answered += sock.recv(1) == b"x"
+    # 3 from the bucket; at 0.2/s at most one more token can appear in a slow run.
+    assert 3 <= answered <= 4, answered
+    assert echo_once(address, b"other", source_address=("127.0.0.2", 0)) == b"other"
+    assert refused_total(proc, "rate_per_ip", 10 - answered) == 10 - answered
+    samples = ctl_for(short_tmp).metrics()
+    assert f'sockd_connections_refused_total{{reason="rate_per_ip"}} {10 - answered}' in samples
+
+
 def test_allow_and_deny_refuse_before_handler(sockd_factory: Any, short_tmp: Path) -> None:
     """Denied peers never reach handler code (no conn.open); deny wins over allow."""
     config = base_config(

@@ -257,6 +257,8 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "server.max_connections": st.integers(0, 2**63 - 1),
     "server.on_limit": st.sampled_from(["wait", "refuse"]),
     "server.max_per_ip": st.integers(0, 10**6),
+    "server.rate_per_ip": st.one_of(st.integers(0, 1000), st.floats(0, 1000)),
+    "server.rate_burst": st.integers(1, 1000),
     "server.ipv6_prefix": st.integers(1, 128),
     "server.idle_timeout": st.one_of(st.integers(0, 86400), st.floats(0, 86400)),
     "server.max_connection_duration": st.one_of(st.integers(0, 86400), st.floats(0, 86400)),
