@@ -420,6 +420,7 @@ def test_generated_documents_are_faithful_toml(document: dict[str, Any]) -> None
 
 
 @examples(300)
+@example(document={"control": {"socket": "ctl.sock"}})
 @given(document=documents())
 def test_any_document_gives_config_or_config_error(document: dict[str, Any]) -> None:
     """Any TOML document gives a Config or a ConfigError naming keys; nothing else escapes."""
@@ -431,12 +432,13 @@ def test_any_document_gives_config_or_config_error(document: dict[str, Any]) -> 
         check_problems(error, document)
         assert error.path == "fuzz.toml"
         with pytest.raises(ConfigError) as again:
-            from_mapping(document)
+            from_mapping(document, "fuzz.toml")
         assert again.value.problems == error.problems  # text and mapping agree
         return
     event("valid")
     assert isinstance(config, Config)
-    assert from_mapping(document) == config
+    # The same path: relative file paths are taken from the config file's directory.
+    assert from_mapping(document, "fuzz.toml") == config
 
 
 @examples(200)
