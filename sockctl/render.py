@@ -325,6 +325,8 @@ def error_lines(
 
 def stop_view(result: StopResult) -> str:
     """``sockctl stop``: what the daemon is draining and for how long at most."""
+    if not result["active"]:
+        return "sockd is stopping: no open connections"
     active = _plural(result["active"], "open connection")
     limit = human_duration(result["timeout"])
     return f"sockd is {result['state']}: waiting up to {limit} for {active} to finish"

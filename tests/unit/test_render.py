@@ -243,6 +243,9 @@ def test_small_views() -> None:
     assert render.stop_view({"state": "draining", "timeout": 5.0, "active": 1}) == (
         "sockd is draining: waiting up to 5.0s for 1 open connection to finish"
     )
+    assert render.stop_view({"state": "draining", "timeout": 5.0, "active": 0}) == (
+        "sockd is stopping: no open connections"
+    )
     assert render.state_view({"state": "paused"}).startswith("sockd is paused")
     assert render.state_view({"state": "draining"}) == "sockd is draining"
     assert render.log_level_view({"level": "debug", "previous": "info"}).startswith(
