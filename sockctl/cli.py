@@ -19,6 +19,7 @@ unreachable, 4 permission denied, 5 control-API version mismatch, 78 invalid con
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -238,11 +239,65 @@ def status(settings: Settings) -> None:
         click.echo(render.status_view(answer, color=True))
 
 
+class PeerNetwork(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """``--peer``: one address (``10.1.2.3``, ``::1``) or a network (``10.0.0.0/8``)."""
+
+    name = "ADDRESS|CIDR"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+        try:
+            return ipaddress.ip_network(str(value), strict=False)
+        except ValueError:
+            self.fail(
+                f"expected an address or a network like 10.0.0.0/8, got {value!r}", param, ctx
+            )
+
+
+def _peer_host(peer: str) -> str:
+    """``"[::1]:5000"`` -> ``"::1"``, ``"10.0.0.1:5000"`` -> ``"10.0.0.1"``."""
+    host = peer.rsplit(":", 1)[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
+def _matching(
+    conns: list[Any],
+    peer: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+    listen: str | None,
+) -> list[Any]:
+    def wanted(conn: Any) -> bool:
+        if listen is not None and conn["listen"] != listen:
+            return False
+        if peer is None:
+            return True
+        try:
+            return ipaddress.ip_address(_peer_host(conn["peer"])) in peer
+        except ValueError:
+            return False
+
+    return [conn for conn in conns if wanted(conn)]
+
+
+PEER_OPTION = click.option(
+    "--peer",
+    type=PeerNetwork(),
+    help="Only connections from this address or network (10.0.0.0/8, 2001:db8::/32).",
+)
+
+
 @main.command()
+@PEER_OPTION
+@click.option("--listen", metavar="HOST:PORT", help="Only connections to this listen address.")
 @pass_settings
-def connections(settings: Settings) -> None:
+def connections(
+    settings: Settings,
+    peer: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+    listen: str | None,
+) -> None:
     """List open connections: peer, age, bytes in and out."""
     answer = settings.client().connections()
+    answer["connections"] = _matching(answer["connections"], peer, listen)
     if settings.json:
         _emit_json(answer)
     else:
@@ -250,15 +305,39 @@ def connections(settings: Settings) -> None:
 
 
 @main.command()
-@click.argument("connection_id", metavar="ID", type=ConnectionId())
+@click.argument("connection_id", metavar="[ID]", type=ConnectionId(), required=False)
+@PEER_OPTION
 @pass_settings
-def kick(settings: Settings, connection_id: int) -> None:
-    """Close the connection ID (see `sockctl connections`)."""
-    answer = settings.client().close_connection(connection_id)
+def kick(
+    settings: Settings,
+    connection_id: int | None,
+    peer: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+) -> None:
+    """Close the connection ID, or every connection from --peer (see `connections`)."""
+    if (connection_id is None) == (peer is None):
+        raise click.UsageError("give a connection ID or --peer, not both and not neither")
+    client = settings.client()
+    if peer is None:
+        answer = client.close_connection(connection_id or 0)
+        if settings.json:
+            _emit_json(answer)
+        else:
+            click.echo(render.closed_view(answer))
+        return
+    closed: list[int] = []
+    for conn in _matching(client.connections()["connections"], peer, None):
+        try:
+            closed.append(client.close_connection(conn["id"])["closed"])
+        except DaemonError as exc:
+            if exc.code != "not_found":  # gone by itself meanwhile: nothing to do
+                raise
     if settings.json:
-        _emit_json(answer)
-    else:
-        click.echo(render.closed_view(answer))
+        _emit_json({"closed": closed, "peer": str(peer)})
+    elif closed:
+        for conn_id in closed:
+            click.echo(render.closed_view({"closed": conn_id}))
+    if not closed:
+        raise SockctlError(f"no open connection from {peer}", ExitCode.FAILURE)
 
 
 @main.command("config")

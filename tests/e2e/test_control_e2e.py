@@ -301,6 +301,36 @@ def test_kick_closes_exactly_that_connection(
     assert unknown.stderr.startswith("sockctl: ") and "999999" in unknown.stderr
 
 
+def test_kick_by_peer_closes_that_address_only(sockd_factory: Any, short_tmp: Path) -> None:
+    """``kick --peer 127.0.0.2`` ends both connections from that address and no other;
+    ``connections --peer`` lists by address or network."""
+    proc = sockd_factory(base_config(short_tmp))
+    (address,) = proc.wait_ready()
+    socks = [
+        socket.create_connection(address, timeout=DEADLINE, source_address=(source, 0))
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.1")
+    ]
+    try:
+        for sock in socks:
+            echo(sock, b"x")
+        listed = ctl_json(short_tmp, "connections", "--peer", "127.0.0.2")["connections"]
+        assert sorted(c["peer"].rsplit(":", 1)[0] for c in listed) == ["127.0.0.2"] * 2
+        assert len(ctl_json(short_tmp, "connections", "--peer", "127.0.0.0/8")["connections"]) == 3
+        result = ctl(short_tmp, "kick", "--peer", "127.0.0.2")
+        assert result.returncode == 0, result.stderr
+        assert sorted(result.stdout.splitlines()) == sorted(
+            f"closed connection {c['id']}" for c in listed
+        )
+        for sock in socks[:2]:
+            assert sock.recv(16) == b""
+        for conn in listed:
+            assert close_event(proc, conn["id"])["ended"] == "kicked"
+        echo(socks[2], b"still served")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 # --------------------------------------------------------------------------- config, reload
 
 

@@ -329,6 +329,72 @@ def test_kick_closes_by_id(daemon: FakeServer) -> None:
     assert daemon.seen[-1].method == "DELETE"
 
 
+def _conn(conn_id: int, peer: str, listen: str = "127.0.0.1:9000") -> dict[str, Any]:
+    return {**CONNECTIONS["connections"][0], "id": conn_id, "peer": peer, "listen": listen}
+
+
+MIXED = {
+    "connections": [
+        _conn(1, "10.1.2.3:4000"),
+        _conn(2, "10.9.9.9:4001", listen="[::]:9000"),
+        _conn(3, "[2001:db8::7]:4002"),
+        _conn(4, "192.0.2.1:4003"),
+    ]
+}
+
+
+def test_connections_filtered_by_peer_and_listen(daemon: FakeServer) -> None:
+    """--peer takes an address or a network (v4 or v6); --listen one listen address."""
+    daemon.set("GET", "/v1/connections", Canned(body=MIXED))
+
+    def ids(*args: str) -> list[int]:
+        result = ask(daemon, "--json", "connections", *args)
+        assert result.exit_code == 0, result.stderr
+        return [c["id"] for c in json.loads(result.stdout)["connections"]]
+
+    assert ids("--peer", "10.0.0.0/8") == [1, 2]
+    assert ids("--peer", "10.1.2.3") == [1]
+    assert ids("--peer", "2001:db8::/32") == [3]
+    assert ids("--listen", "[::]:9000") == [2]
+    assert ids("--peer", "10.0.0.0/8", "--listen", "127.0.0.1:9000") == [1]
+    assert ask(daemon, "connections", "--peer", "172.16.0.0/12").stdout == ("no open connections\n")
+    bad = ask(daemon, "connections", "--peer", "10.0.0.0/33")
+    assert bad.exit_code == 2
+    assert "expected an address or a network like 10.0.0.0/8" in bad.stderr
+
+
+def test_kick_by_peer_closes_every_match(daemon: FakeServer) -> None:
+    """kick --peer closes each matching connection; one already gone (404) is skipped."""
+    daemon.set("GET", "/v1/connections", Canned(body=MIXED))
+    daemon.set("DELETE", "/v1/connections/1", Canned(body={"closed": 1}))
+    gone = {"error": {"code": "not_found", "message": "no connection 2"}}
+    daemon.set("DELETE", "/v1/connections/2", Canned(404, gone))
+    result = ask(daemon, "kick", "--peer", "10.0.0.0/8")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "closed connection 1\n"
+    deleted = [s.path for s in daemon.seen if s.method == "DELETE"]
+    assert deleted == ["/v1/connections/1", "/v1/connections/2"]
+    as_json = ask(daemon, "--json", "kick", "--peer", "10.1.2.3/32")
+    assert json.loads(as_json.stdout) == {"closed": [1], "peer": "10.1.2.3/32"}
+
+
+def test_kick_by_peer_without_a_match_exits_1(daemon: FakeServer) -> None:
+    """Nothing to close is a failure a script can see (exit 1), with the network named."""
+    daemon.set("GET", "/v1/connections", Canned(body=MIXED))
+    result = ask(daemon, "kick", "--peer", "172.16.0.0/12")
+    assert result.exit_code == 1
+    assert result.stderr == "sockctl: no open connection from 172.16.0.0/12\n"
+
+
+@pytest.mark.parametrize("args", [(), ("3", "--peer", "10.0.0.0/8")])
+def test_kick_needs_an_id_or_a_peer(daemon: FakeServer, args: tuple[str, ...]) -> None:
+    """Neither or both is a usage error (exit 2) and sends nothing."""
+    result = ask(daemon, "kick", *args)
+    assert result.exit_code == 2
+    assert "give a connection ID or --peer" in result.stderr
+    assert daemon.seen == []
+
+
 def test_kick_unknown_id_is_a_daemon_failure(daemon: FakeServer) -> None:
     """A 404 not_found answer prints the daemon's message and exits 1."""
     error = {"error": {"code": "not_found", "message": "no connection 99"}}
