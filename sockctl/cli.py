@@ -272,9 +272,12 @@ def _matching(
         if peer is None:
             return True
         try:
-            return ipaddress.ip_address(_peer_host(conn["peer"])) in peer
+            address = ipaddress.ip_address(_peer_host(conn["peer"]))
         except ValueError:
             return False
+        # A dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d: match either form.
+        mapped = getattr(address, "ipv4_mapped", None)
+        return address in peer or (mapped is not None and mapped in peer)
 
     return [conn for conn in conns if wanted(conn)]
 
@@ -509,6 +512,7 @@ def check(settings: Settings, path: str | None) -> None:
     CONFIG defaults to --config, else /etc/sockd/sockd.toml. Exits 78 when invalid.
     """
     target = path or settings.config or sockd_config.DEFAULT_CONFIG_PATH
+    sockd_config.import_path_from_working_directory()  # handler imports as sockd does
     try:
         sockd_config.load(target)
         problems: list[str] = []

@@ -15,7 +15,7 @@ from typing import NoReturn
 import click
 
 from sockd import __version__
-from sockd.config import DEFAULT_CONFIG_PATH, load
+from sockd.config import DEFAULT_CONFIG_PATH, import_path_from_working_directory, load
 from sockd.errors import ConfigError, SockdError
 from sockd.protocol import ExitCode
 
@@ -59,11 +59,7 @@ def _exit_now(status: int) -> None:
 @click.version_option(__version__, prog_name="sockd")
 def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None) -> None:
     """Run a socketserver request handler as a production service."""
-    # Handler modules import from the directory sockd starts in, as with `python -m`,
-    # gunicorn and uvicorn; absolute, so it stays right after --daemon changes to "/".
-    here = os.getcwd()
-    if here not in sys.path:
-        sys.path.insert(0, here)
+    import_path_from_working_directory()
     # Absolute, so a reload re-reads the same file after --daemon has changed to "/".
     config_path = os.path.abspath(config_path)
     try:

@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import socketserver
+import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -326,8 +327,9 @@ def _log_output(value: Any) -> str:
 
 def _socket_path(value: Any) -> str:
     text = _string(value)
-    if len(os.fsencode(text)) > 107:
-        raise Invalid(f"a Unix socket path must be at most 107 bytes, got {len(text)}")
+    size = len(os.fsencode(text))
+    if size > 107:
+        raise Invalid(f"a Unix socket path must be at most 107 bytes, got {size}: {_q(text)}")
     return text
 
 
@@ -521,22 +523,34 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 #: Keys holding a file path: a relative one is taken from the config file's directory.
 FILE_PATHS = frozenset({"control.socket", "logging.output"})
+#: logging.output's words that are not file names.
+_OUTPUT_WORDS = frozenset({"stdout", "stderr", "journald"})
 
 
-def relative_to_config(value: Any, config_path: str) -> Any:
+def relative_to_config(value: Any, config_path: str, key: str = "control.socket") -> Any:
     """A relative file path made absolute against the config file's directory.
 
     Not against the working directory: that is "/" after --daemon, and sockctl, which
     reads control.socket from the same file, runs from anywhere.
     """
-    if (
-        not isinstance(value, str)
-        or not value
-        or os.path.isabs(value)
-        or value in ("stdout", "stderr", "journald")
-    ):
+    if not isinstance(value, str) or not value or os.path.isabs(value):
         return value
-    return os.path.join(os.path.dirname(os.path.abspath(config_path)), value)
+    if key == "logging.output" and value in _OUTPUT_WORDS:
+        return value
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_path)), value))
+
+
+def import_path_from_working_directory() -> None:
+    """Let handler modules import from the directory sockd starts in, as ``python -m``,
+    gunicorn and uvicorn do; appended, so the standard library and installed packages
+    always win over a same-named file there (it never shadows ``email`` or ``random``).
+    Absolute, so it stays right after --daemon changes to "/"."""
+    try:
+        here = os.getcwd()
+    except OSError:  # the directory was removed: nothing to import from there
+        return
+    if here not in sys.path:
+        sys.path.append(here)
 
 
 SECTIONS = ("server", "logging", "control")
@@ -612,13 +626,12 @@ def from_mapping(data: Mapping[str, Any], path: str | None = None) -> Config:
             continue  # reported once above, not once per key
         raw = table.get(setting.name, setting.default)
         if path is not None and setting.key in FILE_PATHS:
-            raw = relative_to_config(raw, path)
+            raw = relative_to_config(raw, path, setting.key)
         try:
             values[setting.key] = setting.parse(raw)
         except Invalid as exc:
             problems.append(f"{setting.key}: {exc}")
-    if len(values) == len(SETTINGS):
-        _check_cross(values, problems)
+    _check_cross(values, problems)  # it skips rules whose keys were invalid
     if problems:
         raise ConfigError(problems, path)
     return build(values, path)

@@ -55,6 +55,8 @@ from sockd.server import (
 #: threads and children to notice before children are killed and the process exits.
 CUT_GRACE: Final = 2.0
 HOUSEKEEPING_INTERVAL: Final = 1.0
+#: Tiny timeouts are checked this often at most (not a busy loop).
+MIN_HOUSEKEEPING_INTERVAL: Final = 0.05
 RELOAD_WAIT: Final = 120.0
 
 
@@ -62,12 +64,15 @@ RELOAD_WAIT: Final = 120.0
 class StopEvent:
     source: str
     timeout: float | None = None
+    #: For a control-channel stop: answered with the stop actually in force.
+    reply: Future[StopEvent] | None = None
 
 
 @dataclass(slots=True)
 class ReloadEvent:
     source: str
     reply: Future[ReloadOutcome] | None = None
+    dry_run: bool = False
 
 
 @dataclass(slots=True)
@@ -336,7 +341,11 @@ class Daemon:
 
     def _housekeeping_interval(self) -> float:
         settings = self.hub.settings
-        limits = [t / 4 for t in (settings.idle_timeout, settings.max_connection_duration) if t]
+        limits = [
+            max(MIN_HOUSEKEEPING_INTERVAL, t / 4)
+            for t in (settings.idle_timeout, settings.max_connection_duration)
+            if t
+        ]
         return min([HOUSEKEEPING_INTERVAL, *limits])
 
     def _handle_events(self) -> None:
@@ -361,13 +370,23 @@ class Daemon:
     def _on_stop(self, event: StopEvent) -> None:
         if self._stop is None:
             self._stop = event
-        elif event.source != "control":
+        if event.reply is not None:
+            event.reply.set_result(self._stop)  # the first stop's timeout is the one in force
+        if self._stop is event:
+            return
+        if event.source != "control":
             # A second SIGTERM/SIGINT during the drain cuts it short (an operator's
             # second Ctrl-C); a second `sockctl stop` only asks about the drain in
             # progress, as a script re-running `stop --wait` does.
             self._cut_short = True
 
     def _reload_for(self, event: ReloadEvent) -> None:
+        if event.dry_run and event.reply is not None:
+            try:
+                event.reply.set_result(self._dry_run())
+            except Exception as exc:  # a bug: report it to the waiting caller
+                event.reply.set_exception(exc)
+            return
         if self._stop is not None:
             outcome_error = BackendUnavailable("the daemon is stopping; reload refused")
             if event.reply is not None:
@@ -659,11 +678,18 @@ class Daemon:
         }
 
     def reload_check(self) -> ReloadOutcome:
-        """A dry run: the config file validated and compared with the running config.
+        """A dry run, on the main thread like a reload (it may import the handler's
+        module, user code), so it sees one consistent config and generation."""
+        if self._stop is not None:
+            raise BackendUnavailable("the daemon is stopping; reload refused")
+        reply: Future[ReloadOutcome] = Future()
+        self._post(ReloadEvent("control", reply, dry_run=True))
+        return reply.result(timeout=RELOAD_WAIT)
 
-        Runs on the control thread and changes nothing. What only applying can prove
-        (binding added addresses, the control socket's new owner) is not tried.
-        """
+    def _dry_run(self) -> ReloadOutcome:
+        """The config file validated and compared with the running config; nothing
+        applied. What only applying can prove (binding added addresses, the control
+        socket's new owner) is not tried."""
         path = self.config_path
         if path is None:
             problems = ["sockd was started without a config file to re-read"]
@@ -688,14 +714,14 @@ class Daemon:
             self._reload_lock.release()
 
     def stop(self, timeout: float | None) -> dict[str, Any]:
-        stopping = self._stop
-        if stopping is not None:  # already draining: report that drain, change nothing
-            effective = stopping.timeout
-            if effective is None:
-                effective = self.hub.settings.shutdown_timeout
-            return {"state": "draining", "timeout": effective, "active": self.registry.count()}
-        effective = timeout if timeout is not None else self.hub.settings.shutdown_timeout
-        self._post(StopEvent("control", timeout))
+        """Decided on the main thread, so of two stops racing each other both callers
+        hear the one in force: the first (a later one changes nothing)."""
+        reply: Future[StopEvent] = Future()
+        self._post(StopEvent("control", timeout, reply))
+        in_force = reply.result(timeout=RELOAD_WAIT)
+        effective = in_force.timeout
+        if effective is None:
+            effective = self.hub.settings.shutdown_timeout
         return {"state": "draining", "timeout": effective, "active": self.registry.count()}
 
     def pause(self) -> dict[str, Any]:

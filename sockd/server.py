@@ -393,7 +393,9 @@ class Hub:
     ) -> None:
         self.rules = AccessRules(settings)
         self.handler_cls = handler_cls
-        self.settings = settings
+        old, self.settings = self.settings, settings
+        if (old.rate_per_ip, old.rate_burst) != (settings.rate_per_ip, settings.rate_burst):
+            self.rates = PeerRates()  # buckets (and their pruning) follow the new rate
         self.workers.resize(self._spare_threads(settings))
 
     @staticmethod

@@ -517,6 +517,37 @@ def test_a_second_stop_reports_the_drain_and_cuts_nothing(
     assert (stopped["finished"], stopped["cut"]) == (1, 0)
 
 
+def test_two_racing_stops_both_report_the_stop_in_force(
+    sockd_factory: Any, short_tmp: Path
+) -> None:
+    """Two stops sent at once (no ordering between them) both answer with the timeout
+    the drain actually uses: the first the daemon took."""
+    proc = sockd_factory(
+        base_config(short_tmp, handler="tests.handlers:ReplyOnLine", shutdown_timeout=60)
+    )
+    (address,) = proc.wait_ready()
+    with connect(address) as sock:
+        proc.wait_for("test.blocked")
+        answers: list[dict[str, Any]] = []
+        barrier = threading.Barrier(2, timeout=DEADLINE)
+
+        def stop(timeout: int) -> None:
+            barrier.wait()
+            answers.append(ctl_json(short_tmp, "stop", "--timeout", str(timeout)))
+
+        threads = [threading.Thread(target=stop, args=(t,)) for t in (40, 30)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(DEADLINE * 2)
+        in_force = proc.wait_for("server.stopping")["timeout_s"]
+        assert in_force in (40, 30)
+        assert [a["timeout"] for a in answers] == [in_force, in_force]
+        sock.sendall(b"finish\n")
+        assert recv_line(sock) == b"done:finish\n"
+    assert proc.wait_exit() == 0
+
+
 def test_stop_command_on_an_idle_daemon(sockd_factory: Any, short_tmp: Path) -> None:
     """``sockctl stop`` gets its answer even though an idle daemon exits at once, status 0."""
     proc = sockd_factory()

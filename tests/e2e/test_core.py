@@ -322,6 +322,22 @@ def test_handler_module_in_the_working_directory_imports(short_tmp: Path) -> Non
     assert 'cannot import module "myservice"' in elsewhere.stderr
 
 
+def test_working_directory_never_shadows_the_standard_library(short_tmp: Path) -> None:
+    """A package named like a standard module (email/) in the starting directory does
+    not replace the real one: the handler "email.service:H" is a clean config error,
+    not a crash of sockd's own imports (the directory is searched last)."""
+    (short_tmp / "email").mkdir()
+    (short_tmp / "email" / "__init__.py").write_text("")
+    (short_tmp / "email" / "service.py").write_text(
+        "import socketserver\nclass H(socketserver.BaseRequestHandler):\n    pass\n"
+    )
+    (short_tmp / "e.toml").write_text('[server]\nhandler = "email.service:H"\n')
+    result = run_sockd("--check-config", "--config", "e.toml", cwd=short_tmp, installed=True)
+    assert result.returncode == 78, result.stderr
+    assert 'cannot import module "email.service"' in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_check_config_rejects_a_missing_group(short_tmp: Path) -> None:
     """A control.group that does not exist fails --check-config (78), not the start (1)."""
     path = short_tmp / "g.toml"

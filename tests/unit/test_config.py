@@ -243,3 +243,30 @@ def problems_of_file(path: Path) -> list[str]:
     except ConfigError as exc:
         return exc.problems
     return []
+
+
+def test_one_invalid_key_does_not_hide_a_handler_options_problem() -> None:
+    """Rules involving several keys still run when an unrelated key is invalid."""
+    problems = problems_of(
+        {
+            "server": {
+                "handler": "sockd.handlers:JSONActionHandler",
+                "handler_options": {"max_line_bytes": 0},
+            },
+            "logging": {"level": "loud"},
+        }
+    )
+    assert any(p.startswith("logging.level:") for p in problems), problems
+    assert any(p.startswith("server.handler_options:") for p in problems), problems
+
+
+def test_relative_paths_are_normalised_and_socket_words_are_paths(tmp_path: Path) -> None:
+    """ "../x" is resolved and normalised; "stdout" is a word only for logging.output."""
+    (tmp_path / "etc").mkdir()
+    path = tmp_path / "etc" / "sockd.toml"
+    path.write_text('[control]\nsocket = "../run/stdout"\n[logging]\noutput = "stdout"\n')
+    config = load(str(path))
+    assert config.control.socket == str(tmp_path / "run" / "stdout")
+    assert config.logging.output == "stdout"
+    path.write_text('[control]\nsocket = "stdout"\n')
+    assert load(str(path)).control.socket == str(tmp_path / "etc" / "stdout")

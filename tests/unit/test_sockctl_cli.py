@@ -339,6 +339,7 @@ MIXED = {
         _conn(2, "10.9.9.9:4001", listen="[::]:9000"),
         _conn(3, "[2001:db8::7]:4002"),
         _conn(4, "192.0.2.1:4003"),
+        _conn(5, "[::ffff:10.7.7.7]:4004", listen="[::]:9000"),
     ]
 }
 
@@ -352,10 +353,10 @@ def test_connections_filtered_by_peer_and_listen(daemon: FakeServer) -> None:
         assert result.exit_code == 0, result.stderr
         return [c["id"] for c in json.loads(result.stdout)["connections"]]
 
-    assert ids("--peer", "10.0.0.0/8") == [1, 2]
+    assert ids("--peer", "10.0.0.0/8") == [1, 2, 5]  # 5: IPv4 on a dual-stack socket
     assert ids("--peer", "10.1.2.3") == [1]
     assert ids("--peer", "2001:db8::/32") == [3]
-    assert ids("--listen", "[::]:9000") == [2]
+    assert ids("--listen", "[::]:9000") == [2, 5]
     assert ids("--peer", "10.0.0.0/8", "--listen", "127.0.0.1:9000") == [1]
     assert ask(daemon, "connections", "--peer", "172.16.0.0/12").stdout == ("no open connections\n")
     bad = ask(daemon, "connections", "--peer", "10.0.0.0/33")
@@ -369,11 +370,12 @@ def test_kick_by_peer_closes_every_match(daemon: FakeServer) -> None:
     daemon.set("DELETE", "/v1/connections/1", Canned(body={"closed": 1}))
     gone = {"error": {"code": "not_found", "message": "no connection 2"}}
     daemon.set("DELETE", "/v1/connections/2", Canned(404, gone))
+    daemon.set("DELETE", "/v1/connections/5", Canned(body={"closed": 5}))
     result = ask(daemon, "kick", "--peer", "10.0.0.0/8")
     assert result.exit_code == 0, result.stderr
-    assert result.stdout == "closed connection 1\n"
+    assert result.stdout == "closed connection 1\nclosed connection 5\n"
     deleted = [s.path for s in daemon.seen if s.method == "DELETE"]
-    assert deleted == ["/v1/connections/1", "/v1/connections/2"]
+    assert deleted == ["/v1/connections/1", "/v1/connections/2", "/v1/connections/5"]
     as_json = ask(daemon, "--json", "kick", "--peer", "10.1.2.3/32")
     assert json.loads(as_json.stdout) == {"closed": [1], "peer": "10.1.2.3/32"}
 
