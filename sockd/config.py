@@ -344,8 +344,8 @@ SETTINGS: tuple[Setting, ...] = (
         "server.mode",
         "threading",
         _choice("threading", "forking"),
-        '"threading" (ThreadingTCPServer: a thread per connection) or "forking" '
-        "(ForkingTCPServer: a process per connection).",
+        '"threading" (ThreadingTCPServer: a thread for each open connection, reused, see '
+        'max_spare_threads) or "forking" (ForkingTCPServer: a process per connection).',
     ),
     Setting(
         "server.handler",
