@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 __all__ = [
     "JOURNAL_SOCKET",
@@ -105,6 +105,39 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+class _SocketClient:
+    """A lock and a socket opened on first use, closed on demand; fork-aware.
+
+    What Notifier and JournalWriter share. A forked child gets a fresh lock (the
+    parent's may have been held by another thread at fork time); subclasses decide
+    whether the child also drops the socket.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        _FORK_AWARE.add(self)
+
+    def _close_locked(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the socket; a later send reconnects."""
+        with self._lock:
+            self._close_locked()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 def _unix_address(text: str, variable: str) -> str:
     """Turn ``/path`` or ``@abstract`` into a connectable AF_UNIX address."""
     if text.startswith("@"):
@@ -144,7 +177,7 @@ def _strerror(exc: OSError) -> str:
 # --- sd_notify ---------------------------------------------------------------------------
 
 
-class Notifier:
+class Notifier(_SocketClient):
     """Sends sd_notify(3) state changes to the service manager over ``$NOTIFY_SOCKET``.
 
     One datagram per call, the lines joined with ``"\\n"``. When the variable is unset
@@ -180,8 +213,7 @@ class Notifier:
         self._on_error = on_error
         self._timeout = timeout
         self._pid = os.getpid()
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
+        super().__init__()
         self._address: str | None = None
         self._unusable: str | None = None
         if address is not None:
@@ -189,7 +221,6 @@ class Notifier:
                 self._address = _unix_address(address, "NOTIFY_SOCKET")
             except SystemdError as exc:
                 self._unusable = str(exc)
-        _FORK_AWARE.add(self)
 
     @property
     def enabled(self) -> bool:
@@ -298,25 +329,9 @@ class Notifier:
         if self._on_error is not None and not repeated:
             self._on_error(message)
 
-    def _close_locked(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
     def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-        self._close_locked()
-
-    def close(self) -> None:
-        """Close the socket; a later call reconnects."""
-        with self._lock:
-            self._close_locked()
-
-    def __enter__(self) -> Notifier:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super()._after_fork_in_child()
+        self._close_locked()  # a child never notifies (see the class docstring)
 
 
 def _status_line(text: str | None) -> tuple[str, ...]:
@@ -739,7 +754,7 @@ def _encode_entry(fields: Mapping[str, str | bytes]) -> bytes:
     return b"".join(parts)
 
 
-class JournalWriter:
+class JournalWriter(_SocketClient):
     """Sends structured entries to journald over its native datagram protocol.
 
     ``send()`` writes one entry per call. An entry too large for one datagram goes in a
@@ -764,9 +779,7 @@ class JournalWriter:
         self._address = _unix_address(path, "journal socket")
         self._identifier = identifier
         self._timeout = timeout
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        _FORK_AWARE.add(self)
+        super().__init__()
 
     def send(self, fields: Mapping[str, str | bytes]) -> None:
         """Write one entry; field names are sanitised with ``journal_field_name``."""
@@ -809,24 +822,6 @@ class JournalWriter:
             socket.send_fds(self._sock, [b""], [fd])
         finally:
             os.close(fd)
-
-    def _close_locked(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        with self._lock:
-            self._close_locked()
-
-    def __enter__(self) -> JournalWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
 
 def journal_stream_matches(fds: Iterable[int] = (1, 2)) -> bool:
