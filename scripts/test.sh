@@ -14,11 +14,16 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 
 # System tools some tests drive: systemd-nspawn (real systemd), curl (control API as
-# documented). Installed only where we are root with apt; tests skip with a reason otherwise.
+# documented), logrotate (run inside the systemd box, which shares the host's /usr),
+# setpriv/nsenter (util-linux: tests acting as other users), groupadd/useradd (passwd).
+# Installed only where we are root with apt; tests skip with a reason otherwise.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   need=""
   command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
   command -v curl >/dev/null 2>&1 || need="$need curl"
+  command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need="$need logrotate"
+  command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
+  command -v useradd >/dev/null 2>&1 || [ -x /usr/sbin/useradd ] || need="$need passwd"
   if [ -n "$need" ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null

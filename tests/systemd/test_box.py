@@ -175,6 +175,8 @@ def test_hardened_unit_runs_python(packaged_box: Box) -> None:
 def test_logrotate_rotates_and_reopens(packaged_box: Box, sockctl_rc: int, succeeds: bool) -> None:
     """logrotate.d/sockd rotates /var/log/sockd/*.log and asks each instance to reopen logs;
     "not running" (3) is fine, any other failure fails the rotation."""
+    if not Path("/usr/sbin/logrotate").exists():
+        pytest.skip("logrotate is not installed (scripts/test.sh installs it as root on Debian)")
     box = packaged_box
     box.write_file(
         "/etc/stub-sockctl",
