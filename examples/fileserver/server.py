@@ -3,9 +3,14 @@
 The socketserver tutorials' file service, rebuilt to be safe to expose:
 
 - Every file lives directly in ``handler_options.root`` (required). A name is a single
-  path component: no ``/``, NUL or control character, not ``.`` or ``..``, at most 255
-  bytes, and not starting with ``.`` (hidden files and uploads in progress are not part
-  of the service), so ``list`` shows exactly the names ``get`` accepts.
+  path component: no ``/``, not ``.`` or ``..``, at most 255 bytes, and not starting
+  with ``.`` (hidden files and uploads in progress are not part of the service), so
+  ``list`` shows exactly the names ``get`` accepts. A name holds no character that
+  changes how names look rather than being part of them: no control character (C0,
+  DEL, C1 such as NEL or CSI, which drive terminals), no invisible formatting character
+  (the bidirectional overrides and isolates that make ``evil\u202etxt.exe`` display as
+  ``evilexe.txt``, marks, zero-width characters, the byte order mark) and no line or
+  paragraph separator.
 - Symbolic links are never followed. ``os.path.realpath`` spots a link and says whether
   it leads outside the root; files are opened with ``O_NOFOLLOW`` so a link swapped in
   after that check is refused as well, and ``os.replace`` replaces a link, never
@@ -48,6 +53,7 @@ import os
 import re
 import stat
 import tempfile
+import unicodedata
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -71,7 +77,17 @@ _Action = Callable[[Any, dict[str, Any]], dict[str, Any]]
 _as_list: Callable[[_Action], _Action] = action(name="list")
 
 _SHA256_HEX: Final = re.compile(r"[0-9a-fA-F]{64}")
-_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f]")
+#: C0 controls, DEL and the C1 controls (U+0080-U+009F: NEL, CSI, ... act on terminals).
+_CONTROL_CHARS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Unicode categories refused in names beyond ASCII, and what to call them in errors:
+#: "Cf" holds the bidi controls (U+202A-U+202E, U+2066-U+2069, U+200E/U+200F, U+061C),
+#: zero-width characters and U+FEFF.
+_INVISIBLE: Final = {
+    "Cc": "control character",
+    "Cf": "invisible formatting character (bidi control, zero-width, mark)",
+    "Zl": "line separator",
+    "Zp": "paragraph separator",
+}
 
 
 def check_name(value: object) -> str:
@@ -97,6 +113,13 @@ def check_name(value: object) -> str:
         raise ActionError("bad_name", f"{shown} is not valid Unicode") from None
     if len(encoded) > MAX_NAME_BYTES:
         raise ActionError("bad_name", f"a name is at most {MAX_NAME_BYTES} bytes")
+    if not value.isascii():  # at most 255 characters here
+        for char in value:
+            kind = _INVISIBLE.get(unicodedata.category(char))
+            if kind is not None:
+                raise ActionError(
+                    "bad_name", f"{shown}: {kind} U+{ord(char):04X} is not allowed in a name"
+                )
     return value
 
 

@@ -247,6 +247,26 @@ BAD_NAMES = [
     "line\nbreak",
     "x" * 256,
 ]
+#: Names that display as something else: C0/DEL/C1 controls, bidi controls, invisibles.
+DECEPTIVE_NAMES = [
+    "esc\x1b[31mred",
+    "del\x7f",
+    "nel\x85",
+    "csi\x9b31m",
+    "c1\x9f",
+    "evil\u202etxt.exe",  # RIGHT-TO-LEFT OVERRIDE: shows as "evilexe.txt"
+    "lre\u202a",
+    "pdf\u202c",
+    "lri\u2066x",
+    "pdi\u2069",
+    "lrm\u200e",
+    "rlm\u200f",
+    "alm\u061c",
+    "zw\u200bsp",
+    "bom\ufeff",
+    "ls\u2028x",
+    "ps\u2029x",
+]
 
 
 def test_names_escaping_or_reserved_are_refused(
@@ -265,6 +285,27 @@ def test_names_escaping_or_reserved_are_refused(
         assert conn.names() == []
     assert os.listdir(root) == []
     assert snapshot(outside) == before
+
+
+def test_deceptive_names_are_refused_and_hidden(
+    sockd_factory: Any, short_tmp: Path, root: Path
+) -> None:
+    """Control (C0, DEL, C1), bidi-override and invisible characters are bad_name for get and
+    put, and files already named so are left out of list."""
+    for index, name in enumerate(DECEPTIVE_NAMES):
+        (root / name).write_bytes(b"planted %d" % index)
+    (root / "caf\u00e9 \U0001f600.txt").write_bytes(b"fine")
+    _, address = start(sockd_factory, short_tmp, {"root": str(root)})
+    with Conn(address) as conn:
+        for name in DECEPTIVE_NAMES:
+            reply = conn.call(action="get", name=name)
+            assert reply["error"]["code"] == "bad_name", name
+            assert name not in reply["error"]["message"]  # shown escaped, never raw
+            assert conn.put(name, b"payload")["error"]["code"] == "bad_name", name
+        assert conn.names() == ["caf\u00e9 \U0001f600.txt"]
+        assert conn.get("caf\u00e9 \U0001f600.txt")[1] == b"fine"
+    for index, name in enumerate(DECEPTIVE_NAMES):
+        assert (root / name).read_bytes() == b"planted %d" % index
 
 
 def test_symlinks_out_of_root_are_refused(
