@@ -14,7 +14,9 @@ import importlib
 import ipaddress
 import json
 import os
+import re
 import socketserver
+import stat
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -48,31 +50,70 @@ class Address:
 
     @classmethod
     def parse(cls, text: str) -> Address:
-        """Parse ``"host:port"`` or ``"[v6]:port"``; raises ``ValueError`` with the reason."""
+        """Parse ``"host:port"`` or ``"[v6]:port"``; raises ``ValueError`` with the reason.
+
+        A host is an IPv4 or IPv6 literal or a DNS name (RFC 1123: ASCII letters, digits
+        and hyphens, labels separated by dots); a port is ASCII digits from 0 to 65535.
+        Python's ``int`` and ``str.isdigit`` also take other scripts' digits (fullwidth,
+        Arabic-Indic, superscripts), which no operator means.
+        """
         if text.startswith("["):
             host, sep, rest = text[1:].partition("]")
             if not sep or not rest.startswith(":"):
                 raise ValueError('IPv6 addresses are written "[::1]:9000"')
             port_text = rest[1:]
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise ValueError(f"{host!r} is not an IPv6 address") from None
+            _check_ipv6(host)
         else:
             host, sep, port_text = text.rpartition(":")
             if not sep or not host:
                 raise ValueError('expected "host:port"')
             if ":" in host:
                 raise ValueError('IPv6 addresses are written "[::1]:9000"')
-            if host.replace(".", "").isdigit():  # looks like IPv4, so it must be one
-                try:
-                    ipaddress.IPv4Address(host)
-                except ValueError:
-                    raise ValueError(f"{host!r} is not an IPv4 address") from None
-            # Other names are resolved when sockd binds (DNS may not be up at check time).
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise ValueError(f"port {port_text!r} is not a number from 0 to 65535")
+            _check_host(host)
+            # A valid name is resolved when sockd binds (DNS may not be up at check time).
+        if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+            raise ValueError(f"port {_q(port_text[:20])} is not a number from 0 to 65535")
+        if int(port_text) > 65535:
+            raise ValueError(f"port {port_text} is not a number from 0 to 65535")
         return cls(host, int(port_text))
+
+
+#: One DNS label (RFC 1123): ASCII letters and digits, hyphens inside, 1 to 63 characters.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+#: A last label that getaddrinfo would read as a number (inet_aton: "0x7f", "017", "1").
+_NUMERIC_LABEL = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)")
+
+
+def _check_ipv6(host: str) -> None:
+    address, _, scope = host.partition("%")
+    if not (host.isascii() and host.isprintable()) or " " in host:
+        raise ValueError(f"{_q(host)} is not an IPv6 address")
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        raise ValueError(f"{_q(host)} is not an IPv6 address") from None
+    if "%" in host and not _LABEL.fullmatch(scope.replace("_", "-").replace(".", "-")):
+        raise ValueError(f"{_q(host)} has an invalid scope (expected an interface name)")
+
+
+def _check_host(host: str) -> None:
+    """An IPv4 literal or an RFC 1123 host name, else ``ValueError`` saying which it is not."""
+    if host.replace(".", "").isdigit():  # looks like IPv4 (in any script), so it must be one
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{_q(host)} is not an IPv4 address") from None
+        return
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if (
+        len(host) > 253
+        or not all(_LABEL.fullmatch(label) for label in labels)
+        or _NUMERIC_LABEL.fullmatch(labels[-1])
+    ):
+        raise ValueError(
+            f"host {_q(host)} is neither an IP address nor a valid host name "
+            "(ASCII letters, digits and hyphens, labels separated by dots)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,15 +355,60 @@ def _file_mode(value: Any) -> int:
 
 def _log_output(value: Any) -> str:
     text = _string(value)
-    if text in ("stdout", "stderr", "journald"):
+    if text in _OUTPUT_WORDS:
         return text
-    parent = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(parent):
-        raise Invalid(
-            f'expected "stdout", "stderr", "journald" or a file path in an existing '
-            f"directory, got {_q(text)} ({_q(parent)} does not exist)"
-        )
+    problem = log_output_problem(text)
+    if problem:
+        raise Invalid(problem)
     return text
+
+
+def log_output_problem(path: str) -> str | None:
+    """Why sockd could not append to the log file ``path``, or None if it could.
+
+    Checked without creating anything: an existing path must be something a process can
+    open for append (not a directory or a socket) and writable by this process's user; a
+    new one needs an existing directory this user may create files in. ``--check-config``
+    and a reload therefore refuse an output that opening would fail on, instead of a
+    reload failing half way (issue 9).
+    """
+    expected = 'expected "stdout", "stderr", "journald" or a file sockd can append to'
+    shown = _q(path)
+    if path.endswith("/"):
+        return f"{shown} names a directory; {expected}"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        info = None
+    except (OSError, ValueError) as exc:  # ENOTDIR, EACCES on a parent, ELOOP, a NUL byte
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return f"cannot inspect {shown}: {reason}; {expected}"
+    if info is not None:
+        if stat.S_ISDIR(info.st_mode):
+            return f"{shown} is a directory; {expected}"
+        if stat.S_ISSOCK(info.st_mode):
+            return f"{shown} is a socket; {expected}"
+        if not _may(path, os.W_OK):
+            return f"{shown} is not writable by uid {os.geteuid()} (the user checking); {expected}"
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        return f"{shown} is in a directory that does not exist ({_q(parent)}); {expected}"
+    if not os.path.isdir(parent):
+        return f"{shown} is in {_q(parent)}, which is not a directory; {expected}"
+    if not _may(parent, os.W_OK | os.X_OK):
+        return (
+            f"{shown} does not exist and uid {os.geteuid()} (the user checking) may not "
+            f"create files in {_q(parent)}; {expected}"
+        )
+    return None
+
+
+def _may(path: str, mode: int) -> bool:
+    """``os.access`` for the effective user (sockd's), which is what opening checks."""
+    if os.access in os.supports_effective_ids:
+        return os.access(path, mode, effective_ids=True)
+    return os.access(path, mode)  # pragma: no cover  # Linux supports effective ids
 
 
 def _socket_path(value: Any) -> str:
@@ -594,6 +680,16 @@ def _check_cross(values: Mapping[str, Any], problems: list[str]) -> None:
         "control.read_group"
     ):
         problems.append("control.read_group: must differ from control.group")
+    mode = values.get("control.mode")
+    group_key = next((k for k in ("control.group", "control.read_group") if values.get(k)), None)
+    if mode is not None and group_key is not None and not mode & 0o020:
+        # Connecting to a Unix socket needs write permission on it: without the group's
+        # write bit the group named to use the channel is locked out, while "other" may
+        # still get in (control.mode = "0646"). Refused rather than silently fixed.
+        problems.append(
+            f"control.mode: 0{mode:o} gives {group_key} no write permission, which "
+            f'connecting needs; expected e.g. "0{mode | 0o060:o}"'
+        )
 
 
 def _key(name: str) -> str:

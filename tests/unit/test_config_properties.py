@@ -272,7 +272,11 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "logging.ring_size": st.integers(0, 1_000_000),
     "logging.identifier": st.sampled_from(["sockd", "sockd-alpha", "x" * 64]),
     "control.socket": st.sampled_from(["/tmp/sockd-fuzz.sock", "ctl.sock", "/" + "s" * 106]),
-    "control.mode": st.one_of(st.sampled_from(["0660", "0600", "0", "777"]), st.integers(0, 0o777)),
+    # The group's write bit: with control.group set, a mode without it is refused.
+    "control.mode": st.one_of(
+        st.sampled_from(["0660", "0620", "020", "777"]),
+        st.integers(0, 0o777).map(lambda m: m | 0o020),
+    ),
     "control.group": existing_groups,
     "control.read_group": st.just(""),  # may not equal control.group
     "control.request_timeout": st.one_of(st.integers(1, 3600), st.floats(0.1, 3600)),
