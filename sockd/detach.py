@@ -14,6 +14,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import stat
 import sys
 from typing import IO
 
@@ -34,22 +35,51 @@ class PidFile:
     A stale file (no process holds its lock) is replaced; a locked one means a live sockd,
     so we refuse to start. The lock, not the pid written in the file, is the truth: a pid
     can be reused by an unrelated process, a lock dies with its holder.
+
+    sockd usually runs as root, and the path may be one another user can plant things
+    at, so opening it must never write somewhere else: the file is opened without
+    following a symbolic link and without truncating, then checked on the open
+    descriptor (a regular file, owned by sockd's user, one link; its directory owned by
+    sockd's user or root and not writable by others unless sticky, like ``/tmp``), and
+    only then locked and truncated. Anything else is refused with one line, exit 1.
     """
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self._fh: IO[str] | None = None
+        self._identity: tuple[int, int] | None = None
 
     def acquire(self) -> None:
+        self._check_directory()
+        # O_NOFOLLOW: a symlink at the path (even a dangling one) is ELOOP, never followed.
+        # No O_TRUNC: nothing is written before the checks pass and the lock is ours.
+        # O_NONBLOCK: opening a FIFO planted there cannot hang the start.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
         except OSError as exc:
+            # ELOOP is what O_NOFOLLOW gives for a link; some kernels answer EACCES for
+            # O_CREAT on another user's link in a sticky directory: say what it is.
+            with contextlib.suppress(OSError):
+                if stat.S_ISLNK(os.lstat(self.path).st_mode):
+                    exc.errno = errno.ELOOP
+            if exc.errno == errno.ELOOP:
+                raise PidFileError(
+                    f"pid file {self.path} is a symbolic link; refusing to follow it"
+                ) from None
             raise PidFileError(f"cannot open pid file {self.path}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            self._check_file(info)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         fh = os.fdopen(fd, "r+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = fh.read().strip() or "unknown"
+            holder = fh.read(32).strip() or "unknown"
             fh.close()
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 raise PidFileError(
@@ -57,11 +87,53 @@ class PidFile:
                 ) from None
             raise PidFileError(f"cannot lock pid file {self.path}: {exc.strerror}") from None
         self._fh = fh
+        self._identity = (info.st_dev, info.st_ino)
+
+    def _check_directory(self) -> None:
+        """Refuse a directory in which another user could swap the file after our checks."""
+        directory = os.path.dirname(self.path)
+        try:
+            info = os.stat(directory)
+        except OSError as exc:
+            raise PidFileError(
+                f"cannot use pid file {self.path}: {directory}: {exc.strerror}"
+            ) from None
+        euid = os.geteuid()
+        if info.st_uid not in (euid, 0):
+            raise PidFileError(
+                f"pid file {self.path} is in {directory}, owned by uid {info.st_uid}; expected "
+                f"a directory owned by sockd's user (uid {euid}) or root"
+            )
+        open_to_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if open_to_others and not info.st_mode & stat.S_ISVTX:
+            raise PidFileError(
+                f"pid file {self.path} is in {directory}, which others may write to "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}) and is not sticky; expected a "
+                "directory only sockd's user can change, such as /run/sockd"
+            )
+
+    def _check_file(self, info: os.stat_result) -> None:
+        euid = os.geteuid()
+        if not stat.S_ISREG(info.st_mode):
+            raise PidFileError(
+                f"pid file {self.path} is not a regular file ({_kind(info.st_mode)}); "
+                "refusing to write to it"
+            )
+        if info.st_uid != euid:
+            raise PidFileError(
+                f"pid file {self.path} is owned by uid {info.st_uid}, not by sockd's user "
+                f"(uid {euid}); refusing to write to it"
+            )
+        if info.st_nlink != 1:
+            raise PidFileError(
+                f"pid file {self.path} has {info.st_nlink} hard links; refusing to write "
+                "to a file that is also another name"
+            )
 
     def write(self, pid: int) -> None:
         assert self._fh is not None  # noqa: S101  # acquire() comes first
+        os.ftruncate(self._fh.fileno(), 0)
         self._fh.seek(0)
-        self._fh.truncate()
         self._fh.write(f"{pid}\n")
         self._fh.flush()
 
@@ -72,11 +144,27 @@ class PidFile:
     def release(self) -> None:
         if self._fh is None:
             return
-        with contextlib.suppress(OSError), open(self.path) as current:
-            if current.read().strip() == str(os.getpid()):
+        # Unlink the path only while it still names the file we locked: never a file
+        # someone put there since, and never through a link.
+        with contextlib.suppress(OSError):
+            info = os.stat(self.path, follow_symlinks=False)
+            if (info.st_dev, info.st_ino) == self._identity:
                 os.unlink(self.path)
         self._fh.close()
         self._fh = None
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def _report(fd: int, status: int, message: str) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO, render_config
 
@@ -137,3 +142,136 @@ def test_detached_daemon_reloads_a_relative_config_path(short_tmp: Path) -> None
     assert client.reload()["result"] == "applied"
     os.kill(pid, signal.SIGTERM)
     assert wait_gone(pid)
+
+
+# --------------------------------------------------------------------------- hostile pid files
+
+NOBODY = 65534
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a command as the unprivileged user nobody (a real uid, not a mock)."""
+    return subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+
+
+@pytest.fixture
+def hostile(short_tmp: Path) -> Path:
+    """``short_tmp`` holding a root-only secret, a sticky world-writable ``pub`` (like /tmp),
+    a non-sticky world-writable ``open`` and a directory ``mine`` owned by nobody."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the attack is a root daemon writing where nobody points it")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed: cannot act as nobody")
+    secret = short_tmp / "secret"
+    secret.write_text("root only\n")
+    secret.chmod(0o600)
+    for name, mode in (("pub", 0o1777), ("open", 0o777)):
+        (short_tmp / name).mkdir()
+        (short_tmp / name).chmod(mode)
+    (short_tmp / "mine").mkdir()
+    os.chown(short_tmp / "mine", NOBODY, NOBODY)
+    return short_tmp
+
+
+def start_with_pidfile(
+    tmp: Path, pidfile: Path, refuse: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``sockd --daemon --pidfile``; with ``refuse``, a daemon that started anyway (the old
+    bug) is stopped at once, so the failing test leaves nothing running."""
+    result = sockd("--daemon", "--pidfile", str(pidfile), "--config", str(config_file(tmp)))
+    if refuse and result.returncode == 0:
+        from sockctl.client import ControlClient
+
+        with contextlib.suppress(Exception):
+            client = ControlClient(str(tmp / "ctl.sock"))
+            pid = int(client.status()["pid"])
+            client.stop()
+            wait_gone(pid)
+    return result
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("sockd: ") and expected in line, line
+    assert "Traceback" not in result.stderr
+
+
+def test_pidfile_symlink_planted_by_another_user_is_not_followed(hostile: Path) -> None:
+    """A symlink nobody planted at the pid file path is refused; its root-only target is
+    unchanged."""
+    pidfile = hostile / "pub" / "sockd.pid"
+    assert as_nobody("ln", "-s", str(hostile / "secret"), str(pidfile)).returncode == 0
+    assert_refused(start_with_pidfile(hostile, pidfile), "is a symbolic link")
+    assert (hostile / "secret").read_text() == "root only\n"
+    assert pidfile.is_symlink()
+    dangling = hostile / "pub" / "dangling.pid"
+    assert as_nobody("ln", "-s", str(hostile / "created-by-root"), str(dangling)).returncode == 0
+    assert_refused(start_with_pidfile(hostile, dangling), "is a symbolic link")
+    assert not (hostile / "created-by-root").exists()
+
+
+def test_pidfile_in_a_directory_another_user_owns_is_refused(hostile: Path) -> None:
+    """A pid file in nobody's directory is refused, whatever is planted there."""
+    pidfile = hostile / "mine" / "sockd.pid"
+    assert as_nobody("ln", "-s", str(hostile / "secret"), str(pidfile)).returncode == 0
+    assert_refused(start_with_pidfile(hostile, pidfile), f"owned by uid {NOBODY}")
+    assert (hostile / "secret").read_text() == "root only\n"
+
+
+def test_pidfile_in_a_non_sticky_world_writable_directory_is_refused(hostile: Path) -> None:
+    """Where anyone may rename files (mode 0777, no sticky bit) the pid file is refused."""
+    pidfile = hostile / "open" / "sockd.pid"
+    assert_refused(start_with_pidfile(hostile, pidfile), "others may write to (mode 0777)")
+    assert not pidfile.exists()
+
+
+def test_pidfile_hard_link_is_refused(hostile: Path) -> None:
+    """A hard link to a root-only file at the pid file path is refused and the file unchanged."""
+    pidfile = hostile / "pub" / "sockd.pid"
+    made = as_nobody("ln", str(hostile / "secret"), str(pidfile))
+    if made.returncode != 0:
+        # fs.protected_hardlinks=1 stops nobody linking root's file; hosts without it do
+        # not, so plant the same link as root: the daemon must refuse it either way.
+        print(f"nobody could not hard-link ({made.stderr.strip()}); planting it as root")
+        os.link(hostile / "secret", pidfile)
+    assert_refused(start_with_pidfile(hostile, pidfile), "has 2 hard links")
+    assert (hostile / "secret").read_text() == "root only\n"
+
+
+def test_pidfile_fifo_is_refused(hostile: Path) -> None:
+    """A FIFO nobody planted at the pid file path is refused without hanging the start."""
+    pidfile = hostile / "pub" / "sockd.pid"
+    assert as_nobody("mkfifo", "-m", "0666", str(pidfile)).returncode == 0
+    assert_refused(start_with_pidfile(hostile, pidfile), "is not a regular file (a FIFO)")
+    assert stat.S_ISFIFO(pidfile.lstat().st_mode)
+    os.mkfifo(hostile / "root.fifo")  # root's own FIFO: a type problem, not an owner one
+    assert_refused(start_with_pidfile(hostile, hostile / "root.fifo"), "(a FIFO)")
+
+
+def test_pidfile_owned_by_another_user_is_refused(hostile: Path) -> None:
+    """A regular file nobody created at the path is refused and keeps nobody's content."""
+    pidfile = hostile / "pub" / "sockd.pid"
+    assert as_nobody("sh", "-c", f"echo 1 > {pidfile}").returncode == 0
+    assert_refused(start_with_pidfile(hostile, pidfile), f"is owned by uid {NOBODY}")
+    assert pidfile.read_text() == "1\n"
+
+
+def test_pidfile_in_a_sticky_directory_works_and_is_removed(hostile: Path) -> None:
+    """In a sticky world-writable directory (like /tmp) a fresh pid file is created, locked
+    and removed at exit."""
+    pidfile = hostile / "pub" / "sockd.pid"
+    result = start_with_pidfile(hostile, pidfile, refuse=False)
+    assert result.returncode == 0, result.stderr
+    info = pidfile.lstat()
+    assert stat.S_ISREG(info.st_mode) and info.st_uid == 0 and info.st_nlink == 1
+    pid = int(pidfile.read_text())
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid)
+    assert not pidfile.exists()
