@@ -11,7 +11,10 @@ Why not ``click.ClickException`` for these: click declares its ``exit_code`` as 
 variable, while ours depends on the instance (a daemon error is 1 or 78 by its code),
 and the client stays usable without click. Usage errors remain click's own (exit 2),
 except an empty ``--socket``: click's parser accepts it, so ``main`` refuses it with a
-``SockctlError`` carrying exit 2, one line like every other sockctl error.
+``SockctlError`` carrying exit 2, one line like every other sockctl error; and numbers
+(``Seconds``, ``Count``, ``ConnectionId``), which are checked against the ranges the
+daemon accepts (``sockd.protocol``) and refused locally in one line (``UsageProblem``),
+so nothing the daemon would refuse is sent.
 
 Exit statuses: 0 success, 1 the daemon refused or failed, 2 usage, 3 not running or
 unreachable, 4 permission denied, 5 control-API version mismatch, 78 invalid config.
@@ -19,8 +22,10 @@ unreachable, 4 permission denied, 5 control-API version mismatch, 78 invalid con
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import math
 import os
 import tomllib
 from dataclasses import dataclass
@@ -38,6 +43,9 @@ from sockd.protocol import (
     CONTROL_SOCKET_ENV,
     DEFAULT_CONTROL_SOCKET,
     LOG_LEVELS,
+    LOGS_MAX_N,
+    MAX_CONNECTION_ID,
+    MAX_STOP_TIMEOUT,
     ErrorCode,
     ExitCode,
 )
@@ -47,6 +55,8 @@ __all__ = ["ConfigFileError", "Settings", "SockctlGroup", "main"]
 #: ``stop --wait`` allows this long beyond the drain timeout the daemon announced: the
 #: process still has to close its listeners, flush its logs and exit.
 WAIT_GRACE_S = 10.0
+#: ``--timeout`` (waiting for an answer) at most: a day, as the daemon's stop timeout.
+MAX_ANSWER_TIMEOUT = 86400.0
 
 
 class ConfigFileError(SockctlError):
@@ -101,7 +111,14 @@ class Settings:
         return os.environ.get(CONTROL_SOCKET_ENV) or DEFAULT_CONTROL_SOCKET
 
     def client(self) -> ControlClient:
-        return ControlClient(self.socket_path(), timeout=self.timeout)
+        """A client for the socket; a ``--config`` file's owner is trusted as the daemon's
+        user (root and our own uid always are; see ``ControlClient``)."""
+        trusted: list[int] = []
+        if self.config:
+            # socket_path() says what is wrong with an unreadable file, if anything
+            with contextlib.suppress(OSError):
+                trusted.append(os.stat(self.config).st_uid)
+        return ControlClient(self.socket_path(), timeout=self.timeout, trusted_uids=trusted)
 
 
 pass_settings = click.make_pass_decorator(Settings)
@@ -124,25 +141,93 @@ def _error_lines(exc: SockctlError) -> list[str]:
     return render.error_lines(exc.message)
 
 
-class ConnectionId(click.IntRange):
-    """A connection id as ``sockctl connections`` lists it: an integer >= 0.
+class UsageProblem(click.UsageError):
+    """A usage error in one line (``sockctl: MESSAGE``, exit 2), like every sockctl error.
 
-    ``IntRange`` does the parsing; only its message changes, which would otherwise
-    talk about "a valid integer range" to someone who mistyped an id.
+    Raised while click parses an argument, it is shown by click's own handling: this
+    only replaces click's usage banner with the one line.
     """
 
-    def __init__(self) -> None:
-        super().__init__(min=0)
+    def show(self, file: Any = None) -> None:
+        click.echo(f"sockctl: {self.format_message()}", err=file is None, file=file)
+
+
+def _option_name(param: click.Parameter | None) -> str:
+    if param is None:
+        return "value"
+    if param.opts and param.opts[0].startswith("-"):
+        return max(param.opts, key=len)
+    return str(param.human_readable_name)
+
+
+class Seconds(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A finite number of seconds from 0 (or above 0) to ``maximum``."""
+
+    name = "SECONDS"
+
+    def __init__(self, maximum: float, *, zero: bool = True) -> None:
+        self.maximum = maximum
+        self.zero = zero
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        low = number >= 0 if self.zero else number > 0
+        if not (math.isfinite(number) and low and number <= self.maximum):
+            bound = "from 0" if self.zero else "above 0 and up"
+            raise UsageProblem(
+                f"{_option_name(param)} must be a number of seconds {bound} to "
+                f"{self.maximum:g}, got {str(value)!r}",
+                ctx,
+            )
+        return number
+
+
+class Count(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """An integer from 0 to ``maximum``."""
+
+    name = "N"
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        try:
-            return int(super().convert(value, param, ctx))
-        except click.BadParameter:
-            raise click.BadParameter(
-                f"expected a connection id (a non-negative integer), got {value!r}",
-                ctx=ctx,
-                param=param,
-            ) from None
+        text = str(value).strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= len(str(self.maximum))):
+            number = -1
+        else:
+            number = int(text)
+        if not 0 <= number <= self.maximum:
+            raise UsageProblem(
+                f"{_option_name(param)} must be an integer from 0 to {self.maximum}, "
+                f"got {str(value)!r}",
+                ctx,
+            )
+        return number
+
+
+class ConnectionId(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A connection id as ``sockctl connections`` lists it: an integer from 0 to 2**63-1."""
+
+    name = "ID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip()
+        if not (text.isascii() and text.isdigit()):
+            raise UsageProblem(
+                f"expected a connection id (a non-negative integer), got {str(value)!r}", ctx
+            )
+        if len(text) > len(str(MAX_CONNECTION_ID)) or int(text) > MAX_CONNECTION_ID:
+            raise UsageProblem(
+                f"expected a connection id (an integer up to {MAX_CONNECTION_ID}), "
+                f"got {str(value)[:40]!r}",
+                ctx,
+            )
+        return int(text)
 
 
 class SockctlGroup(click.Group):
@@ -193,7 +278,7 @@ class SockctlGroup(click.Group):
 )
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Seconds(MAX_ANSWER_TIMEOUT, zero=False),
     default=30.0,
     show_default=True,
     metavar="SECONDS",
@@ -379,9 +464,10 @@ def reload(settings: Settings, dry_run: bool) -> None:
 @click.option(
     "--timeout",
     "drain_timeout",
-    type=click.FloatRange(min=0),
+    type=Seconds(MAX_STOP_TIMEOUT),
     metavar="SECONDS",
-    help="Wait this long for open connections (default: the daemon's shutdown_timeout).",
+    help="Wait this long for open connections, 0 to 86400 (default: the daemon's "
+    "shutdown_timeout).",
 )
 @click.option("--wait", is_flag=True, help="Return only once the daemon has exited.")
 @pass_settings
@@ -461,10 +547,10 @@ def stats(settings: Settings) -> None:
 @click.option(
     "-n",
     "--lines",
-    type=click.IntRange(min=0),
+    type=Count(LOGS_MAX_N),
     default=100,
     show_default=True,
-    help="How many recent events to show.",
+    help=f"How many recent events to show (at most {LOGS_MAX_N}).",
 )
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events; Ctrl-C ends.")
 @click.option(

@@ -11,6 +11,14 @@ client checks that each answer has its documented keys, so a daemon that drifted
 the contract fails with a one-line ``ProtocolError`` instead of a ``KeyError`` deep in
 the rendering code. Values themselves are not type-checked: the daemon is trusted to
 that extent.
+
+Before a state-changing request (anything but ``GET``) the client checks who serves the
+socket (``SO_PEERCRED``): root, our own uid, a uid the caller vouches for
+(``trusted_uids``: sockctl passes the owner of its ``--config`` file), or the owner of
+the socket's directory when root made that directory for it (every directory above is
+root's and writable by nobody else, as ``/run/sockd`` under systemd's
+``RuntimeDirectory=``). Anyone else may have planted the socket: ``UntrustedDaemon``
+(exit 4), and nothing is sent.
 """
 
 from __future__ import annotations
@@ -20,17 +28,26 @@ import errno
 import http.client
 import json
 import os
+import pwd
 import select
 import socket
 import stat
 import struct
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from typing import Any, NotRequired, TypedDict, TypeVar, cast
 from urllib.parse import urlencode
 
 from sockd import __version__
-from sockd.protocol import API_PREFIX, API_VERSION, API_VERSION_HEADER, ErrorCode, ExitCode
+from sockd.protocol import (
+    API_PREFIX,
+    API_VERSION,
+    API_VERSION_HEADER,
+    ErrorCode,
+    ExitCode,
+    path_entries,
+    writable_by_others,
+)
 
 __all__ = [
     "Change",
@@ -55,6 +72,7 @@ __all__ = [
     "StateResult",
     "Status",
     "StopResult",
+    "UntrustedDaemon",
     "VersionMismatch",
     "wait_until_stopped",
 ]
@@ -204,6 +222,26 @@ class PermissionDenied(SockctlError):  # noqa: N818 - named for the state it rep
         super().__init__(message, ExitCode.PERMISSION)
 
 
+class UntrustedDaemon(PermissionDenied):
+    """The socket is served by a uid we have no reason to trust with this request."""
+
+    def __init__(self, path: str, method: str, target: str, uid: int | None) -> None:
+        who = "an unknown uid" if uid is None else _who(uid)
+        super().__init__(
+            f"refusing to send {method} {target} to {path}: it is served by {who}, "
+            "not root, you, the --config file's owner or the owner of a directory root "
+            "made for the socket (another user's socket?)"
+        )
+        self.uid = uid
+
+
+def _who(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 class VersionMismatch(SockctlError):  # noqa: N818 - named for the state it reports, like click's Abort
     """The other end speaks another control-API version (or is not sockd at all)."""
 
@@ -280,6 +318,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
         self.peer_pid: int | None = None
+        self.peer_uid: int | None = None
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -290,20 +329,52 @@ class UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
-        self.peer_pid = _peer_pid(sock)
+        self.peer_pid, self.peer_uid = _peer_cred(sock)
+
+
+def _peer_cred(sock: socket.socket) -> tuple[int | None, int | None]:
+    """The pid and uid of the process at the other end, None where the OS cannot say."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None, None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    except OSError:
+        return None, None
+    pid, uid, _gid = struct.unpack("3i", raw)
+    # pid 0: the peer lives in a pid namespace we cannot see
+    return pid or None, uid
 
 
 def _peer_pid(sock: socket.socket) -> int | None:
     """The pid of the process at the other end, or None where the OS cannot say."""
-    option = getattr(socket, "SO_PEERCRED", None)
-    if option is None:
-        return None
+    return _peer_cred(sock)[0]
+
+
+def directory_owner_vouched_by_root(path: str) -> int | None:
+    """The owner of ``path``'s directory if root made that directory for it, else None.
+
+    That is: every directory and symlink above it belongs to root and no directory
+    there is writable by anyone else (no sticky exception: in ``/tmp`` anyone could
+    have created the directory), the directory itself is writable by nobody but its
+    owner, and ``path`` is not a symlink. Then only root chose who owns the directory
+    (``/run/sockd`` made by systemd for ``User=sockd``), so only that owner or root
+    can have put the socket there.
+    """
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+        entries, complete = path_entries(path)
+        final = os.lstat(path)
     except OSError:
         return None
-    pid: int = struct.unpack("3i", raw)[0]
-    return pid or None  # 0: the peer lives in a pid namespace we cannot see
+    if not complete or stat.S_ISLNK(final.st_mode):
+        return None
+    *above, own = entries
+    for entry in above:
+        if entry.info.st_uid != 0 or (not entry.is_link and writable_by_others(entry.info)):
+            return None
+    if own.is_link or writable_by_others(own.info):
+        return None
+    return own.info.st_uid
 
 
 def _connect_error(path: str, exc: OSError) -> SockctlError:
@@ -374,9 +445,13 @@ class ControlClient:
     an http.client exception: callers only need ``exc.message`` and ``exc.exit_code``.
     """
 
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self, path: str, timeout: float = 30.0, *, trusted_uids: Iterable[int] = ()
+    ) -> None:
         self.path = path
         self.timeout = timeout
+        #: Besides root and our own uid, daemons running as these may get state changes.
+        self.trusted_uids = frozenset(trusted_uids)
         #: The daemon's pid from the last connection's peer credentials, if known.
         self.peer_pid: int | None = None
 
@@ -483,13 +558,22 @@ class ControlClient:
             except OSError as exc:
                 raise _connect_error(self.path, exc) from None
             self.peer_pid = conn.peer_pid
+            if method != "GET":
+                self._check_daemon(conn.peer_uid, method, target)
             headers = {"Accept": "application/json", "User-Agent": f"sockctl/{__version__}"}
             payload = None
             if body is not None:
                 payload = json.dumps(body).encode()
                 headers["Content-Type"] = "application/json"
+            elif method != "GET":
+                # Say "no body" outright: without a length the daemon waits a moment
+                # to see whether body bytes follow (it answers those with 411).
+                headers["Content-Length"] = "0"
             try:
-                conn.request(method, target, body=payload, headers=headers)
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    # The daemon may answer and close before reading a request it
+                    # refuses (at accept: credentials, busy): its answer is still there.
+                    conn.request(method, target, body=payload, headers=headers)
                 response = conn.getresponse()
             except TimeoutError:
                 raise NoAnswer(
@@ -505,6 +589,16 @@ class ControlClient:
             yield conn, response
         finally:
             conn.close()
+
+    def _check_daemon(self, uid: int | None, method: str, target: str) -> None:
+        """Refuse to send a state change to a socket another user may have planted."""
+        if uid is not None and (
+            uid in (0, os.geteuid())
+            or uid in self.trusted_uids
+            or uid == directory_owner_vouched_by_root(self.path)
+        ):
+            return
+        raise UntrustedDaemon(self.path, method, target, uid)
 
     def _check_version(self, response: http.client.HTTPResponse) -> None:
         theirs = response.getheader(API_VERSION_HEADER)

@@ -39,6 +39,7 @@ __all__ = [
     "closed_view",
     "config_view",
     "connections_table",
+    "dropped_notice",
     "error_lines",
     "human_bytes",
     "human_duration",
@@ -513,6 +514,8 @@ def log_line(event: LogEvent, color: bool = False, tz: tzinfo | None = None) -> 
         clock = parsed.astimezone(tz).strftime("%H:%M:%S.%f")[:-3]
     else:
         clock = str(stamp or "-").ljust(12)
+    if event.get("event") == "logs.dropped":
+        return dropped_notice(event, clock, color)
     level = str(event.get("level", "-")).lower()
     level_text = _style(f"{level.upper():<8}", color, **_LEVEL_STYLES.get(level, {}))
     parts = [
@@ -530,3 +533,18 @@ def log_line(event: LogEvent, color: bool = False, tz: tzinfo | None = None) -> 
             continue
         parts.append(_style(key, color, fg="cyan") + "=" + _log_value(value))
     return "\n".join([" ".join(parts), *trailing])
+
+
+def dropped_notice(event: LogEvent, clock: str = "", color: bool = False) -> str:
+    """The one line ``logs -f`` shows where the daemon dropped events it could not send.
+
+    ``logs.dropped`` is not a logged event but the stream's own note: this reader fell
+    behind (the daemon keeps a bounded queue per follower and drops the oldest).
+    """
+    missed = event.get("missed")
+    count = f"{missed:,}" if isinstance(missed, int) else "some"
+    noun = "event" if missed == 1 else "events"
+    text = f"-- {count} log {noun} missed here: this stream fell behind sockd's log --"
+    return " ".join(
+        part for part in (_style(clock, color, dim=True), _style(text, color, fg="yellow")) if part
+    )

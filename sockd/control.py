@@ -26,7 +26,11 @@ GET          /metrics                    200 Prometheus text format 0.0.4
 ===========  ==========================  =============================================
 
 Request bodies are JSON objects; unknown fields are refused (400) so that a typo such
-as ``{"timout": 5}`` fails loudly instead of being ignored.
+as ``{"timout": 5}`` fails loudly instead of being ignored. Every number has a range
+(``sockd.protocol``: stop timeout 0..86400 s, connection id 0..2**63-1, logs n
+0..100000); anything else, including a finite float past it, is a 400. A body must
+come with ``Content-Length``: ``Transfer-Encoding``, or bytes following the head of a
+``POST``/``PUT``/``DELETE`` that has none, is ``411 length_required``, never guessed.
 
 Every error is ``{"error": {"code": CODE, "message": TEXT}}`` (``details`` for a
 rejected reload) with the status ``docs/control-api.md`` lists for the code; the codes
@@ -37,11 +41,22 @@ response carries ``X-Sockd-Api-Version`` and ``Connection: close``: one request 
 connection keeps the accounting (deadline, concurrency cap) simple, and control
 traffic is tiny.
 
-Access (``SO_PEERCRED``): root, the daemon's own uid and members of ``control.group``
-may use everything; members of ``control.read_group`` only ``GET``; anyone else gets
-``403 forbidden`` and a ``control.denied`` event. Each request must arrive whole within
-``control.request_timeout`` seconds (one deadline for the head and body, not per read);
-at most ``MAX_CONNECTIONS`` are served at once and the excess get ``503`` at once.
+Access (``SO_PEERCRED``, checked in the accept loop before a thread is spent): root,
+the daemon's own uid and members of ``control.group`` may use everything (role
+``all``); members of ``control.read_group`` only ``GET`` (role ``read``), and their
+``GET /v1/config`` has ``server.handler_options`` values redacted; anyone else gets an
+immediate ``403 forbidden`` and the connection is closed, counted in a rate-limited
+``control.denied`` line. Each role has its own budget of concurrent connections
+(``CONNECTION_BUDGET``) and of log followers (``FOLLOWER_BUDGET``): readers cannot take
+the slots an admin needs, and the excess get an immediate ``503``, counted in a
+rate-limited ``control.busy`` line. Each request must arrive whole within
+``control.request_timeout`` seconds of its accept (one deadline for the head and body,
+not per read, so trickling does not extend it).
+
+The socket's directory must be one nobody but root and the daemon's user can change
+(``_check_directory``, like sshd's StrictModes); the socket is bound in a private 0700
+directory beside it, given its mode and group there through a descriptor that cannot
+follow a symlink, then renamed into place.
 """
 
 from __future__ import annotations
@@ -67,7 +82,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
@@ -80,18 +95,30 @@ from sockd.protocol import (
     API_VERSION,
     API_VERSION_HEADER,
     LOG_LEVELS,
+    LOGS_MAX_N,
+    MAX_CONNECTION_ID,
     MAX_REQUEST_BODY,
+    MAX_STOP_TIMEOUT,
     ErrorCode,
+    path_entries,
+    sticky,
+    writable_by_others,
 )
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
-#: Concurrent control connections served at once. Each holds a thread for at most the
-#: request timeout while it sends its request, so a local flood cannot exhaust threads;
-#: the excess get an immediate 503 written from the accept loop.
 _ACCEPT_BACKOFF: Final = 0.1  # seconds between accept attempts when out of descriptors
-MAX_CONNECTIONS: Final = 64
+#: Concurrent control connections per role, each role from its own budget: readers
+#: cannot take an admin's slots, and peers the credential check refuses never get one
+#: (they are closed in the accept loop). Each connection holds a thread for at most
+#: the request timeout while it sends its request; the excess get an immediate 503
+#: written from the accept loop.
+CONNECTION_BUDGET: Final[Mapping[str, int]] = {"all": 96, "read": 32}
+MAX_CONNECTIONS: Final = CONNECTION_BUDGET["all"]
+#: Log followers (``GET /v1/logs?follow=1``) per role, within its connection budget:
+#: an admin always keeps ``96 - 64`` slots for requests however many follow.
+FOLLOWER_BUDGET: Final[Mapping[str, int]] = {"all": 64, "read": 16}
 #: Request line plus headers; control requests are a few hundred bytes.
 HEAD_LIMIT: Final = 32 * 1024
 #: A client that stops reading our answer (or a log stream) is dropped after this.
@@ -101,7 +128,14 @@ CLOSE_GRACE: Final = 2.0
 #: Log streaming polls the subscription this often, so a vanished client or a closing
 #: server is noticed within this many seconds even when no event arrives.
 FOLLOW_POLL: Final = 1.0
-LOGS_MAX_N: Final = 100_000
+#: A ``POST``/``PUT``/``DELETE`` without ``Content-Length`` has no body only if no byte
+#: follows its head within this many seconds (or the client half-closes): ``curl -X
+#: POST`` sends neither a length nor a body, and must not wait for our deadline.
+BODY_GRACE: Final = 0.1
+#: Denials and 503s are logged as one line per this many seconds at most.
+REFUSAL_LOG_EVERY: Final = 1.0
+#: What a reader sees instead of each ``server.handler_options`` value (passwords, DSNs).
+REDACTED: Final = "<redacted>"
 
 _REQUEST_LINE_LIMIT = 8 * 1024
 _LISTEN_BACKLOG = 128
@@ -113,6 +147,8 @@ _BATCH = 500
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _JSON = "application/json"
+#: Methods whose requests may carry a body: without Content-Length, none may follow.
+_BODY_METHODS: Final = frozenset({"POST", "PUT", "DELETE"})
 _NDJSON = "application/x-ndjson"
 _METRICS = "text/plain; version=0.0.4; charset=utf-8"
 _T = TypeVar("_T")
@@ -124,6 +160,7 @@ _STATUS_OF: Final[dict[ErrorCode, int]] = {
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.TIMEOUT: 408,
     ErrorCode.CONFLICT: 409,
+    ErrorCode.LENGTH_REQUIRED: 411,
     ErrorCode.PAYLOAD_TOO_LARGE: 413,
     ErrorCode.INVALID_CONFIG: 422,
     ErrorCode.INTERNAL: 500,
@@ -153,9 +190,15 @@ class BackendUnavailable(Exception):  # noqa: N818 -- named for the HTTP status 
 
 
 class LogSubscription(Protocol):
-    """A live feed of log events at or above a level, for ``GET /v1/logs?follow=1``."""
+    """A live feed of log events at or above a level, for ``GET /v1/logs?follow=1``.
 
-    def get(self, timeout: float) -> dict[str, Any] | None: ...
+    ``read`` returns NDJSON lines (each part ends with a newline), waiting up to
+    ``timeout`` seconds for some; an empty list when none came. The feed is bounded
+    (``sockd.logs.Subscription``): a follower too slow for it gets a synthetic
+    ``logs.dropped`` line where events were lost.
+    """
+
+    def read(self, timeout: float) -> list[bytes]: ...
 
     def close(self) -> None: ...
 
@@ -327,6 +370,10 @@ class _RequestTimeoutError(Exception):
     """The request was not in by its deadline (not an ``OSError``: see ``handle``)."""
 
 
+class _ProbeTimeoutError(Exception):
+    """No byte arrived within a probe's short window (see ``_DeadlineReader.probe``)."""
+
+
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, separators=(",", ":"), default=str) + "\n").encode()
 
@@ -376,22 +423,38 @@ class _DeadlineReader(io.RawIOBase):
         self._sock = sock
         self.deadline = deadline
         self.budget = budget
+        self._probe_until: float | None = None
 
     def readable(self) -> bool:
         return True
 
+    @contextlib.contextmanager
+    def probe(self, window: float) -> Any:
+        """Within this block a read waits at most ``window`` s, then raises
+        ``_ProbeTimeoutError`` (a missing byte is then an answer, not a slow client)."""
+        self._probe_until = time.monotonic() + window
+        self.budget += 1  # one byte is enough to know, even after a head at the limit
+        try:
+            yield
+        finally:
+            self._probe_until = None
+
     def readinto(self, buffer: WriteableBuffer) -> int:
         if self.budget <= 0:
             raise _HeadTooLargeError
-        remaining = self.deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = self.deadline - now
         if remaining <= 0:
             raise _RequestTimeoutError
+        probing = self._probe_until is not None and self._probe_until - now < remaining
+        if probing and self._probe_until is not None:
+            remaining = max(0.0, self._probe_until - now)
         self._sock.settimeout(remaining)
         with memoryview(buffer) as view:
             try:
                 count = self._sock.recv_into(view, min(view.nbytes, self.budget))
             except TimeoutError:
-                raise _RequestTimeoutError from None
+                raise (_ProbeTimeoutError if probing else _RequestTimeoutError) from None
         self.budget -= count
         return count
 
@@ -422,6 +485,7 @@ class _Request:
     query: list[tuple[str, str]]
     body: dict[str, Any]
     param: str | None
+    role: Role = "all"
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,9 +536,21 @@ def _connections(backend: ControlBackend, request: _Request) -> _Answer:
 _HTTP_VERSION: Final = re.compile(r"HTTP/[0-9]\.[0-9]")
 
 
-def _small_number(text: str) -> bool:
-    """ASCII digits, few enough that int() is cheap and within Python's digit limit."""
-    return 0 < len(text) <= 18 and text.isascii() and text.isdigit()
+def _shown(text: str, limit: int = 40) -> str:
+    """``repr`` of a client's value, cut short: an error message must not echo 4 KB."""
+    return repr(text) if len(text) <= limit else repr(text[: limit - 3] + "...")
+
+
+def _bounded_int(text: str, maximum: int) -> int | None:
+    """``text`` as an integer from 0 to ``maximum``, or None.
+
+    ASCII digits only, and no more of them than ``maximum`` has: ``int()`` stays cheap
+    and far from Python's 4300-digit limit.
+    """
+    if not (0 < len(text) <= len(str(maximum)) and text.isascii() and text.isdigit()):
+        return None
+    value = int(text)
+    return value if value <= maximum else None
 
 
 def _finite(value: float) -> bool:
@@ -486,18 +562,35 @@ def _finite(value: float) -> bool:
 
 def _close_connection(backend: ControlBackend, request: _Request) -> _Answer:
     text = request.param or ""
-    if not _small_number(text):
+    conn_id = _bounded_int(text, MAX_CONNECTION_ID)
+    if conn_id is None:
         raise _HTTPError(
-            ErrorCode.BAD_REQUEST, f"connection id must be a non-negative integer, got {text!r}"
+            ErrorCode.BAD_REQUEST,
+            f"connection id must be an integer from 0 to {MAX_CONNECTION_ID}, got {_shown(text)}",
         )
-    conn_id = int(text)
     if not backend.close_connection(conn_id):
         raise _HTTPError(ErrorCode.NOT_FOUND, f"no open connection with id {conn_id}")
     return _ok({"closed": conn_id})
 
 
 def _config(backend: ControlBackend, request: _Request) -> _Answer:
-    return _ok(backend.effective_config())
+    config = backend.effective_config()
+    return _ok(config if request.role == "all" else _redacted(config))
+
+
+def _redacted(answer: dict[str, Any]) -> dict[str, Any]:
+    """The config answer with every ``server.handler_options`` value replaced.
+
+    The keys stay (a reader can see which options are set); the values are what
+    handlers are given secrets in (passwords, DSNs), readable by admins only.
+    """
+    config = answer.get("config")
+    server = config.get("server") if isinstance(config, dict) else None
+    options = server.get("handler_options") if isinstance(server, dict) else None
+    if not isinstance(config, dict) or not isinstance(server, dict) or not options:
+        return answer
+    hidden = dict.fromkeys(options, REDACTED) if isinstance(options, dict) else REDACTED
+    return {**answer, "config": {**config, "server": {**server, "handler_options": hidden}}}
 
 
 def _reload(backend: ControlBackend, request: _Request) -> _Answer:
@@ -523,12 +616,18 @@ def _stop(backend: ControlBackend, request: _Request) -> _Answer:
     raw = _fields(request, {"timeout": False}).get("timeout")
     timeout: float | None = None
     if raw is not None:
-        if isinstance(raw, bool) or not isinstance(raw, int | float) or not _finite(raw):
+        if (
+            isinstance(raw, bool)
+            or not isinstance(raw, int | float)
+            or not _finite(raw)
+            or not 0 <= raw <= MAX_STOP_TIMEOUT
+        ):
+            shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:37] + "..."
             raise _HTTPError(
-                ErrorCode.BAD_REQUEST, f"'timeout' must be a number of seconds, got {raw!r}"
+                ErrorCode.BAD_REQUEST,
+                f"'timeout' must be a number of seconds from 0 to {MAX_STOP_TIMEOUT:g}, "
+                f"got {shown}",
             )
-        if raw < 0:
-            raise _HTTPError(ErrorCode.BAD_REQUEST, f"'timeout' must be >= 0, got {raw!r}")
         timeout = float(raw)
     return _ok(backend.stop(timeout), 202)
 
@@ -574,9 +673,11 @@ def _logs(backend: ControlBackend, request: _Request) -> _Answer:
             raise _HTTPError(ErrorCode.BAD_REQUEST, f"query parameter {name!r} given twice")
         seen[name] = value
     n_text = seen.get("n", "100")
-    if not _small_number(n_text) or int(n_text) > LOGS_MAX_N:
+    n = _bounded_int(n_text, LOGS_MAX_N)
+    if n is None:
         raise _HTTPError(
-            ErrorCode.BAD_REQUEST, f"n must be an integer from 0 to {LOGS_MAX_N}, got {n_text!r}"
+            ErrorCode.BAD_REQUEST,
+            f"n must be an integer from 0 to {LOGS_MAX_N}, got {_shown(n_text)}",
         )
     level = seen.get("level", "debug")
     if level not in LOG_LEVELS:
@@ -588,7 +689,7 @@ def _logs(backend: ControlBackend, request: _Request) -> _Answer:
         raise _HTTPError(
             ErrorCode.BAD_REQUEST, f"follow must be 0, 1, true or false, got {follow!r}"
         )
-    return _LogStream(int(n_text), level, follow in ("1", "true"))
+    return _LogStream(n, level, follow in ("1", "true"))
 
 
 _ROUTES: Final[dict[str, dict[str, _Endpoint]]] = {
@@ -635,16 +736,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.sock = cast(socket.socket, self.request)
         self.connection = self.sock
         self.settings = self.owner.settings
-        self.started = time.monotonic()
+        slot = self.owner._slot(self.sock)
+        # Who and when were settled in the accept loop: the deadline runs from accept.
+        self.peer, self.role, self.started = slot.peer, slot.role, slot.accepted
         self.reader = _DeadlineReader(
             self.sock, self.started + self.settings.request_timeout, HEAD_LIMIT
         )
-        self.rfile = io.BufferedReader(self.reader)
+        self.buffered = io.BufferedReader(self.reader)
+        self.rfile = self.buffered
         self.wfile = _SocketWriter(self.sock)
         self.target: str | None = None
         self.response_status: int | None = None
         self.request_consumed = False
-        self.peer = Peer.of(self.sock)
 
     def handle(self) -> None:
         self.close_connection = True
@@ -737,38 +840,53 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 )
 
     def _authorize(self, method: str) -> None:
-        role = self.owner._policy.role(self.peer)
-        if role == "all" or (role == "read" and method == "GET"):
+        """Strangers never get here (closed at accept); a reader only GETs."""
+        if self.role == "all" or method == "GET":
             return
-        self.owner._log.warning("control.denied", **self._context())
-        if role == "read":
-            raise _HTTPError(
-                ErrorCode.FORBIDDEN,
-                f"uid {self.peer.uid} may only use the read endpoints (GET) of the control channel",
-            )
+        self.owner._denied.record(self.peer.uid, **self._context())
         raise _HTTPError(
-            ErrorCode.FORBIDDEN, f"uid {self.peer.uid} may not use the control channel"
+            ErrorCode.FORBIDDEN,
+            f"uid {self.peer.uid} may only use the read endpoints (GET) of the control channel",
         )
 
-    def _content_length(self) -> int:
+    def _content_length(self, method: str) -> int:
         if "Transfer-Encoding" in self.headers:
             raise _HTTPError(
-                ErrorCode.BAD_REQUEST,
-                "send request bodies with Content-Length, not Transfer-Encoding",
+                ErrorCode.LENGTH_REQUIRED,
+                "send request bodies with Content-Length; Transfer-Encoding is not accepted",
             )
         values = {v.strip() for v in self.headers.get_all("Content-Length") or []}
         if not values:
+            if method in _BODY_METHODS and self._body_follows():
+                raise _HTTPError(
+                    ErrorCode.LENGTH_REQUIRED,
+                    f"a {method} with a body needs a Content-Length header "
+                    "(bytes followed the headers without one)",
+                )
             return 0
         text = values.pop()
-        if values or not _small_number(text):
+        length = _bounded_int(text, 10**18 - 1)
+        if values or length is None:
             raise _HTTPError(ErrorCode.BAD_REQUEST, "invalid Content-Length header")
-        length = int(text)
         if length > MAX_REQUEST_BODY:
             raise _HTTPError(
                 ErrorCode.PAYLOAD_TOO_LARGE,
                 f"request body of {length} bytes exceeds the limit of {MAX_REQUEST_BODY}",
             )
         return length
+
+    def _body_follows(self) -> bool:
+        """Whether a byte follows the head within ``BODY_GRACE`` (EOF or silence: no).
+
+        Without ``Content-Length`` a request has no body (RFC 9112 6.3), yet a client
+        that sent ``{"dry_run": true}`` without one must not get a real reload: what it
+        sent is refused with 411 instead of being ignored.
+        """
+        try:
+            with self.reader.probe(BODY_GRACE):
+                return bool(self.buffered.peek(1))
+        except _ProbeTimeoutError:
+            return False
 
     def _read_body(self, length: int) -> dict[str, Any]:
         if length and self.headers.get("Expect", "").lower() == "100-continue":
@@ -806,10 +924,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 f"{path} accepts {allow}, not {method}",
                 headers=[("Allow", allow)],
             )
-        body = self._read_body(self._content_length())
+        body = self._read_body(self._content_length(method))
         # The request is in: from here on the clock that matters is the client reading.
         self.sock.settimeout(WRITE_TIMEOUT)
-        request = _Request(method, path, parse_qsl(query, keep_blank_values=True), body, param)
+        request = _Request(
+            method, path, parse_qsl(query, keep_blank_values=True), body, param, self.role
+        )
         backend = self.owner._backend
         answer = self._call(lambda: endpoint(backend, request))
         if isinstance(answer, _LogStream):
@@ -826,6 +946,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except BackendConflict as exc:
             raise _HTTPError(ErrorCode.CONFLICT, str(exc) or "not possible now") from None
         except BackendUnavailable as exc:
+            self.owner._busy.record("stopping", reason="stopping", **self._context())
             raise _HTTPError(ErrorCode.UNAVAILABLE, str(exc) or "the daemon is stopping") from None
         except Exception:
             self.owner._log.exception("control.error", **self._context())
@@ -862,7 +983,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         The subscription is taken before the history is read so that no event falls
         between the two; one logged in that instant may appear twice, none is lost.
+        A follower counts against its role's ``FOLLOWER_BUDGET`` until it ends.
         """
+        if stream.follow and not self.owner._follow(self.sock):
+            limit = self.owner.follower_budget[self.role]
+            self.owner._busy.record(self.role, reason="followers", **self._context())
+            raise _HTTPError(
+                ErrorCode.UNAVAILABLE,
+                f"too many log followers: the {self.role!r} role may have {limit} at once; "
+                "end one (or read without follow=1) and retry",
+            )
         subscription = (
             self._call(lambda: backend.log_subscribe(stream.level)) if stream.follow else None
         )
@@ -876,15 +1006,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.response_status = 200
             self.wfile.write(_head(200, headers))
 
-            def emit(events: list[dict[str, Any]]) -> None:
-                data = b"".join(_json_bytes(event) for event in events)
-                if data and chunked:
-                    self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-                elif data:
-                    self.wfile.write(data)
+            def emit(parts: list[bytes]) -> None:
+                """One chunk of NDJSON, written part by part (joining would copy it)."""
+                size = sum(len(part) for part in parts)
+                if not size:
+                    return
+                if chunked:
+                    self.wfile.write(b"%X\r\n" % size)
+                for part in parts:
+                    self.wfile.write(part)
+                if chunked:
+                    self.wfile.write(b"\r\n")
 
             for start in range(0, len(history), _BATCH):
-                emit(history[start : start + _BATCH])
+                emit([_json_bytes(event) for event in history[start : start + _BATCH]])
             if subscription is not None:
                 self._follow(subscription, emit)
             if chunked:
@@ -893,24 +1028,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if subscription is not None:
                 self._call(subscription.close)
 
-    def _follow(
-        self, subscription: LogSubscription, emit: Callable[[list[dict[str, Any]]], None]
-    ) -> None:
+    def _follow(self, subscription: LogSubscription, emit: Callable[[list[bytes]], None]) -> None:
         # Registered for no events, poll() still reports POLLHUP/POLLERR, which on a Unix
         # socket means the client closed both directions. A client that only half-closes
         # (shutdown(SHUT_WR)) still reads, so EOF alone must not end its stream.
         poller = select.poll()
         poller.register(self.sock, 0)
         while not self.owner._closing.is_set():
-            event = self._call(lambda: subscription.get(timeout=FOLLOW_POLL))
-            if event is not None:
-                batch = [event]
-                while len(batch) < _BATCH:
-                    more = self._call(lambda: subscription.get(timeout=0))
-                    if more is None:
-                        break
-                    batch.append(more)
-                emit(batch)
+            emit(self._call(lambda: subscription.read(FOLLOW_POLL)))
             if poller.poll(0):
                 return
 
@@ -1017,7 +1142,7 @@ class _ControlHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSer
 
     def server_bind(self) -> None:
         parent = os.path.dirname(os.path.abspath(self.path))
-        _ensure_directory(parent)
+        _ensure_directory(self.path, parent)
         _refuse_if_taken(self.path)
         # A private 0700 directory instead of a temporary umask: umask is per process,
         # and other threads of the daemon may be creating files at the same moment.
@@ -1029,9 +1154,8 @@ class _ControlHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSer
                 "for a temporary name (AF_UNIX paths are limited to 107 bytes)"
             )
         self.socket.bind(self._tmppath)
-        os.chmod(self._tmppath, self.mode)
-        if self.gid is not None:
-            os.chown(self._tmppath, -1, self.gid)
+        info = _set_access(self._tmppath, self.mode, self.gid, None)
+        self.identity = (info.st_dev, info.st_ino)
         self.server_address = self.path
 
     def server_activate(self) -> None:
@@ -1040,9 +1164,7 @@ class _ControlHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSer
         if self._tmppath is None:
             raise ControlError("internal: the control socket was activated before binding")
         self.socket.listen(self.request_queue_size)
-        info = os.stat(self._tmppath)
         os.rename(self._tmppath, self.path)
-        self.identity = (info.st_dev, info.st_ino)
         self._tmppath = None
         self._remove_tmpdir()
         _LIVE_SERVERS.add(self)
@@ -1064,10 +1186,33 @@ class _ControlHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSer
             raise
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        """Credentials and budget first, in this (the accept) thread: a peer the policy
+        refuses, or one over its role's budget, is answered and closed without a thread.
+
+        Resolving a peer's role is free for root and the daemon's uid; for others with
+        a group configured it reads ``/proc/<pid>/status`` once (~20 us).
+        """
         sock = cast(socket.socket, request)
-        if not self.owner._admit(sock):
-            _refuse_busy(sock)
+        owner = self.owner
+        accepted = time.monotonic()
+        try:
+            peer = Peer.of(sock)
+        except OSError:  # gone already
             self.shutdown_request(sock)
+            return
+        role = owner._policy.role(peer)
+        if role is None:
+            owner._denied.record(peer.uid, uid=peer.uid, pid=peer.pid, method=None, path=None)
+            _refuse(
+                sock,
+                403,
+                ErrorCode.FORBIDDEN,
+                f"uid {peer.uid} may not use the control channel",
+            )
+            self.shutdown_request(sock)
+            return
+        if not owner._admit(sock, peer, role, accepted):
+            self._refuse_busy(sock, peer, role, "connections")
             return
         thread = threading.Thread(
             target=self.process_request_thread,
@@ -1075,13 +1220,31 @@ class _ControlHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSer
             name="sockd-control-conn",
             daemon=True,
         )
-        self.owner._track(sock, thread)
+        owner._track(sock, thread)
         try:
             thread.start()
         except RuntimeError:  # cannot start a new thread: answer like the cap does
-            self.owner._release(sock)
-            _refuse_busy(sock)
-            self.shutdown_request(sock)
+            owner._release(sock)
+            self._refuse_busy(sock, peer, role, "threads")
+
+    def _refuse_busy(self, sock: socket.socket, peer: Peer, role: Role, reason: str) -> None:
+        self.owner._busy.record(
+            role, reason=reason, role=role, uid=peer.uid, pid=peer.pid, method=None, path=None
+        )
+        limit = self.owner.budget[role]
+        _refuse(
+            sock,
+            503,
+            ErrorCode.UNAVAILABLE,
+            f"too many control connections for the {role!r} role (limit {limit}); try again"
+            if reason == "connections"
+            else "cannot start a thread for this control connection; try again",
+        )
+        self.shutdown_request(sock)
+
+    def service_actions(self) -> None:
+        """Between accepts (at least every poll interval): log pending refusal summaries."""
+        self.owner._flush_refusals()
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
@@ -1138,8 +1301,9 @@ def _drop_in_child() -> None:
 os.register_at_fork(after_in_child=_drop_in_child)
 
 
-def _ensure_directory(parent: str) -> None:
-    if os.path.isdir(parent):
+def _ensure_directory(path: str, parent: str) -> None:
+    """Check the socket's directory (creating it if missing) is ours to trust."""
+    if _check_directory(path):
         return
     try:
         os.makedirs(parent, mode=0o755, exist_ok=True)
@@ -1149,6 +1313,82 @@ def _ensure_directory(parent: str) -> None:
         raise ControlError(
             f"cannot create control socket directory {parent}: {exc.strerror}"
         ) from None
+    _check_directory(path)
+
+
+def _who(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_directory(path: str) -> bool:
+    """Refuse a socket path another user could redirect; False if its directory is missing.
+
+    Like sshd's StrictModes: every directory and symlink the path's lookup goes through
+    must belong to root or to the daemon's euid, and no directory may be writable by
+    group or others, except an ancestor with the sticky bit (``/tmp``: others cannot
+    rename what we own in it). The socket's own directory may not be writable by others
+    even with the sticky bit: anyone could plant a socket there while we are stopped,
+    and ``sockctl`` would talk to it.
+    """
+    euid = os.geteuid()
+    try:
+        entries, complete = path_entries(path)
+    except OSError as exc:
+        raise ControlError(
+            f"cannot create control socket {path}: {exc.filename}: {exc.strerror}"
+        ) from None
+    for index, entry in enumerate(entries):
+        info = entry.info
+        kind = "symlink" if entry.is_link else "directory"
+        problem = None
+        if info.st_uid not in (0, euid):
+            problem = f"is owned by {_who(info.st_uid)}"
+        elif not entry.is_link and writable_by_others(info):
+            own_directory = complete and index == len(entries) - 1
+            if own_directory or not sticky(info):
+                problem = f"is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+        if problem is not None:
+            raise ControlError(
+                f"refusing to create control socket {path}: {kind} {entry.path} {problem}; "
+                f"the socket's directory and those above it must belong to root or "
+                f"{_who(euid)} and not be writable by others (a directory above may be, "
+                "with the sticky bit, like /tmp), or another user could replace the socket"
+            )
+    return complete
+
+
+def _set_access(
+    path: str, mode: int, gid: int | None, identity: tuple[int, int] | None
+) -> os.stat_result:
+    """Set the socket file's mode and group without following a path swapped in.
+
+    The file is opened with ``O_PATH | O_NOFOLLOW`` (a symlink at ``path`` is opened as
+    the link itself), checked to be a socket (and, with ``identity``, ours), and changed
+    through ``/proc/self/fd``, which names that very inode: whatever happens at
+    ``path`` afterwards, nothing else is touched. (``fchmod`` on the socket's own
+    descriptor changes the socket object, not the file it is bound to.)
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISSOCK(info.st_mode) or (
+            identity is not None and (info.st_dev, info.st_ino) != identity
+        ):
+            raise ControlError(
+                f"control socket {path} was removed or replaced by something else; "
+                "restart sockd to recreate it"
+            )
+        by_fd = f"/proc/self/fd/{fd}"
+        if stat.S_IMODE(info.st_mode) != mode:
+            os.chmod(by_fd, mode)
+        if gid is not None and info.st_gid != gid:
+            os.chown(by_fd, -1, gid)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def _refuse_if_taken(path: str) -> None:
@@ -1185,15 +1425,72 @@ def _unlink_if_ours(path: str, identity: tuple[int, int]) -> None:
             os.unlink(path)
 
 
-def _refuse_busy(sock: socket.socket) -> None:
-    """Answer 503 from the accept loop without blocking it (the buffer is empty)."""
-    body = _error_body(
-        ErrorCode.UNAVAILABLE,
-        f"too many control connections (limit {MAX_CONNECTIONS}); try again",
-    )
+def _refuse(sock: socket.socket, status: int, code: ErrorCode, message: str) -> None:
+    """Answer from the accept loop without blocking it (the send buffer is empty).
+
+    What the client already sent is read and dropped first: closing a Unix socket with
+    unread input would make the client's read fail with ECONNRESET before our answer.
+    """
     with contextlib.suppress(OSError):
         sock.setblocking(False)
-        sock.send(_full_response(503, body, _JSON), socket.MSG_NOSIGNAL)
+        for _ in range(4):
+            if len(sock.recv(65536)) < 65536:
+                break
+    with contextlib.suppress(OSError):
+        sock.send(_full_response(status, _error_body(code, message), _JSON), socket.MSG_NOSIGNAL)
+
+
+class _Tally:
+    """Refusals of one kind, logged as one line a second at most, never one per peer.
+
+    The first refusal after a quiet second is logged at once with its details; the
+    ones that follow within the second are counted (by ``key``: a uid, a role) and
+    logged as one summary line when the second is over (``flush``, from the accept
+    loop at least every poll interval, and at close).
+    """
+
+    def __init__(self, log: Any, event: str, key_name: str) -> None:
+        self._log = log
+        self.event = event
+        self.key_name = key_name
+        self.total = 0
+        self._lock = threading.Lock()
+        self._pending: dict[str, int] = {}
+        self._last = -math.inf
+
+    def record(self, key: object, **fields: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.total += 1
+            quiet = not self._pending and now - self._last >= REFUSAL_LOG_EVERY
+            if quiet:
+                self._last = now
+            else:
+                self._pending[str(key)] = self._pending.get(str(key), 0) + 1
+        if quiet:
+            self._log.warning(self.event, count=1, **fields)
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not self._pending or (not force and now - self._last < REFUSAL_LOG_EVERY):
+                return
+            pending, self._pending = self._pending, {}
+            self._last = now
+        self._log.warning(
+            self.event, count=sum(pending.values()), **{self.key_name: pending}, summary=True
+        )
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One admitted control connection: who, in which role, since when, on which thread."""
+
+    peer: Peer
+    role: Role
+    accepted: float
+    thread: threading.Thread | None = None
+    following: bool = False
 
 
 class ControlServer:
@@ -1209,20 +1506,28 @@ class ControlServer:
         backend: ControlBackend,
         log: Any,
         *,
-        max_connections: int = MAX_CONNECTIONS,
+        budget: Mapping[str, int] = CONNECTION_BUDGET,
+        follower_budget: Mapping[str, int] = FOLLOWER_BUDGET,
     ) -> None:
         self.settings = settings
         self._backend = backend
         self._log = log
-        self.max_connections = max_connections
+        #: Concurrent connections and log followers per role (``all``, ``read``).
+        self.budget = dict(budget)
+        self.follower_budget = dict(follower_budget)
         self._policy = Policy(os.geteuid(), None, None)
         self._closing = threading.Event()
         #: One descriptor held back so the control channel can still accept a client
         #: when handlers have used up the process's descriptor limit.
         self._reserve_fd: int | None = None
         self._lock = threading.Lock()  # start/apply/close
-        self._conn_lock = threading.Lock()  # the connection table
-        self._active: dict[socket.socket, threading.Thread | None] = {}
+        self._conn_lock = threading.Lock()  # the connection table and its counts
+        self._active: dict[socket.socket, _Slot] = {}
+        self._in_use: dict[str, int] = dict.fromkeys(self.budget, 0)
+        self._following: dict[str, int] = dict.fromkeys(self.follower_budget, 0)
+        #: Peers refused for their credentials, and 503s; ``.total`` counts them all.
+        self._denied = _Tally(log, "control.denied", "uids")
+        self._busy = _Tally(log, "control.busy", "roles")
         self._server: _ControlHTTPServer | None = None
         self._serve_thread: threading.Thread | None = None
 
@@ -1279,6 +1584,7 @@ class ControlServer:
         if server is not None:
             _stop_serving(server, thread)
             self._log.info("control.closed", path=server.path)
+        self._flush_refusals(force=True)
         deadline = time.monotonic() + timeout
         if not self._join_handlers(deadline):
             with self._conn_lock:
@@ -1288,24 +1594,54 @@ class ControlServer:
                     sock.shutdown(socket.SHUT_RDWR)
             self._join_handlers(time.monotonic() + 1.0)
 
+    @property
+    def refusals(self) -> dict[str, int]:
+        """Control connections refused since start: ``denied`` (credentials, 403) and
+        ``busy`` (a role's connection or follower budget, or the daemon stopping: 503)."""
+        return {"denied": self._denied.total, "busy": self._busy.total}
+
     # -- connection table (called by _ControlHTTPServer) --------------------------
 
-    def _admit(self, sock: socket.socket) -> bool:
+    def _admit(self, sock: socket.socket, peer: Peer, role: Role, accepted: float) -> bool:
         with self._conn_lock:
-            if len(self._active) >= self.max_connections:
+            if self._in_use.get(role, 0) >= self.budget.get(role, 0):
                 return False
-            self._active[sock] = None
+            self._in_use[role] = self._in_use.get(role, 0) + 1
+            self._active[sock] = _Slot(peer, role, accepted)
             return True
+
+    def _slot(self, sock: socket.socket) -> _Slot:
+        with self._conn_lock:
+            return self._active[sock]
 
     def _track(self, sock: socket.socket, thread: threading.Thread) -> None:
         with self._conn_lock:
-            if sock in self._active:
-                self._active[sock] = thread
+            slot = self._active.get(sock)
+            if slot is not None:
+                slot.thread = thread
+
+    def _follow(self, sock: socket.socket) -> bool:
+        """Take one of the role's follower slots for this connection, if one is free."""
+        with self._conn_lock:
+            slot = self._active[sock]
+            if self._following.get(slot.role, 0) >= self.follower_budget.get(slot.role, 0):
+                return False
+            self._following[slot.role] = self._following.get(slot.role, 0) + 1
+            slot.following = True
+            return True
 
     def _release(self, sock: socket.socket) -> None:
         with self._conn_lock:
-            self._active.pop(sock, None)
+            slot = self._active.pop(sock, None)
+            if slot is not None:
+                self._in_use[slot.role] -= 1
+                if slot.following:
+                    self._following[slot.role] -= 1
         self._restore_reserve()
+
+    def _flush_refusals(self, force: bool = False) -> None:
+        self._denied.flush(force)
+        self._busy.flush(force)
 
     def _spend_reserve(self) -> bool:
         """Free the descriptor kept for when the process runs out: one more client fits."""
@@ -1327,6 +1663,11 @@ class ControlServer:
     def active_connections(self) -> int:
         with self._conn_lock:
             return len(self._active)
+
+    @property
+    def followers(self) -> int:
+        with self._conn_lock:
+            return sum(self._following.values())
 
     # -- internals -------------------------------------------------------------
 
@@ -1357,24 +1698,24 @@ class ControlServer:
         return server, thread
 
     def _restyle(self, server: _ControlHTTPServer, settings: ControlConfig, policy: Policy) -> None:
-        """Apply a new mode or group to the socket file we already serve on."""
+        """Apply a new mode or group to the socket file we already serve on.
+
+        The directory is checked again (its owner or mode may have changed since), and
+        the file is changed through a descriptor of the very inode we created, never
+        through a path a symlink could have been swapped into.
+        """
         identity = server.identity
-        try:
-            info = os.lstat(server.path)
-        except OSError:
-            info = None
-        if info is None or identity is None or (info.st_dev, info.st_ino) != identity:
-            raise ControlError(
-                f"control socket {server.path} was removed or replaced by something else; "
-                "restart sockd to recreate it"
-            )
+        if identity is None:
+            raise ControlError(f"control socket {server.path} is not ours any more")
+        _check_directory(server.path)
         mode, file_gid = _file_access(settings, policy)
         gid = file_gid if file_gid is not None else os.getegid()
         try:
-            if stat.S_IMODE(info.st_mode) != mode:
-                os.chmod(server.path, mode)
-            if info.st_gid != gid:
-                os.chown(server.path, -1, gid)
+            _set_access(server.path, mode, gid, identity)
+        except FileNotFoundError:
+            raise ControlError(
+                f"control socket {server.path} was removed; restart sockd to recreate it"
+            ) from None
         except OSError as exc:
             raise ControlError(
                 f"cannot change control socket {server.path}: {exc.strerror}"
@@ -1386,7 +1727,11 @@ class ControlServer:
         me = threading.current_thread()
         while True:
             with self._conn_lock:
-                threads = [t for t in self._active.values() if t is not None and t is not me]
+                threads = [
+                    slot.thread
+                    for slot in self._active.values()
+                    if slot.thread is not None and slot.thread is not me
+                ]
             if not threads:
                 return True
             remaining = deadline - time.monotonic()
@@ -1408,10 +1753,15 @@ def _stop_serving(server: _ControlHTTPServer, thread: threading.Thread | None) -
 
 
 __all__ = [
+    "BODY_GRACE",
     "CLOSE_GRACE",
+    "CONNECTION_BUDGET",
+    "FOLLOWER_BUDGET",
     "FOLLOW_POLL",
     "HEAD_LIMIT",
+    "LOGS_MAX_N",
     "MAX_CONNECTIONS",
+    "REDACTED",
     "WRITE_TIMEOUT",
     "BackendConflict",
     "BackendUnavailable",

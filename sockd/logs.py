@@ -19,9 +19,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import itertools
 import json
 import os
-import queue
 import sys
 import threading
 import time
@@ -250,33 +250,129 @@ def _journal_renderer(identifier: str) -> Callable[..., Any]:
     return render
 
 
-class Subscription:
-    """A live feed of events for ``GET /v1/logs?follow=1``.
+#: A follower's queue holds at most this many events and bytes; past either, its oldest
+#: batches are dropped and its next read starts with a ``logs.dropped`` line.
+FOLLOW_QUEUE_EVENTS: Final = 10_000
+FOLLOW_QUEUE_BYTES: Final = 4 * 1024 * 1024
+#: The fan-out thread hands new events to followers this often (seconds): the logging
+#: call itself only appends to the ring. It is also the latency of ``sockctl logs -f``.
+FOLLOW_INTERVAL: Final = 0.1
+#: Events per batch handed to followers, the unit in which a full queue drops.
+FOLLOW_BATCH: Final = 500
+#: While anyone follows, the ring keeps at least this many events, so the fan-out thread
+#: cannot fall behind the ring between two runs below ~100,000 events a second.
+_FOLLOW_RING: Final = 10_000
+#: Bytes one ``Subscription.read`` returns at most; the rest stays queued (bounded).
+_READ_BYTES: Final = 1024 * 1024
 
-    Bounded: a reader slower than the log loses events (counted in ``dropped``) rather
-    than growing the daemon's memory.
+
+def _dropped_line(missed: int) -> bytes:
+    """The synthetic event a follower gets where its queue dropped ``missed`` events."""
+    event = {"timestamp": iso_now(), "level": "warning", "event": "logs.dropped", "missed": missed}
+    return (_ENCODE(event) + "\n").encode()
+
+
+class Subscription:
+    """One follower of ``GET /v1/logs?follow=1``: a bounded queue of NDJSON batches.
+
+    ``LogRing``'s fan-out thread renders each new event once and pushes the same
+    ``bytes`` batch to every follower at that level, so a follower costs a reference
+    per batch, not a copy. The queue is bounded in events and in bytes: when it is
+    full, the oldest batches go, and the next ``read`` starts with a synthetic
+    ``logs.dropped`` line saying how many events were missed there. A follower whose
+    client does not read is blocked in a send holding at most ``_READ_BYTES`` it took
+    from the queue; the queue behind it stays bounded, so memory does too.
     """
 
-    def __init__(self, ring: LogRing, min_level: int, maxsize: int = 10_000) -> None:
+    def __init__(
+        self,
+        ring: LogRing,
+        min_level: int,
+        max_events: int = FOLLOW_QUEUE_EVENTS,
+        max_bytes: int = FOLLOW_QUEUE_BYTES,
+    ) -> None:
         self._ring = ring
         self.min_level = min_level
-        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize)
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self._cond = threading.Condition(threading.Lock())
+        #: (events missed just before it, NDJSON data, events in it)
+        self._batches: collections.deque[tuple[int, bytes, int]] = collections.deque()
+        self._events = 0
+        self._bytes = 0
+        self._missed = 0  # dropped from the head of the queue, reported first
+        #: Events this follower missed in all (the sum of its ``logs.dropped`` lines).
         self.dropped = 0
+        self.closed = False
 
-    def offer(self, event: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            self.dropped += 1
+    def push(self, batches: list[tuple[bytes, int]], missed: int = 0) -> None:
+        """Queue batches (the fan-out thread); ``missed`` events were lost before them."""
+        with self._cond:
+            if self.closed:
+                return
+            self.dropped += missed
+            if not batches:
+                batches = [(b"", 0)]
+            for data, count in batches:
+                self._batches.append((missed, data, count))
+                self._events += count
+                self._bytes += len(data)
+                missed = 0
+            while self._batches and (
+                self._events > self.max_events or self._bytes > self.max_bytes
+            ):
+                before, data, count = self._batches.popleft()
+                self._events -= count
+                self._bytes -= len(data)
+                self._missed += before + count
+                self.dropped += count
+            self._cond.notify()
 
-    def get(self, timeout: float) -> dict[str, Any] | None:
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
+    def read(self, timeout: float) -> list[bytes]:
+        """NDJSON lines queued for this follower (waiting up to ``timeout`` s for some).
+
+        An empty list means nothing arrived in time. The parts are returned unjoined:
+        joining would copy up to ``_READ_BYTES`` per follower.
+        """
+        with self._cond:
+            if not (self._batches or self._missed or self.closed):
+                self._cond.wait(timeout)
+            parts: list[bytes] = []
+            if self._missed:
+                parts.append(_dropped_line(self._missed))
+                self._missed = 0
+            size = 0
+            while self._batches and size < _READ_BYTES:
+                before, data, count = self._batches.popleft()
+                self._events -= count
+                self._bytes -= len(data)
+                if before:
+                    parts.append(_dropped_line(before))
+                if data:
+                    parts.append(data)
+                    size += len(data)
+            return parts
+
+    @property
+    def queued(self) -> tuple[int, int]:
+        """Events and bytes waiting in the queue now."""
+        with self._cond:
+            return self._events, self._bytes
 
     def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._batches.clear()
+            self._events = self._bytes = 0
+            self._cond.notify_all()
         self._ring.unsubscribe(self)
+
+
+def _ndjson(event: Mapping[str, Any] | str) -> bytes:
+    """One ring entry as an NDJSON line (a line the fast path rendered is used as is)."""
+    if isinstance(event, str):
+        return (event + "\n").encode("utf-8", "replace")
+    return (_ENCODE(_plain(event)) + "\n").encode("utf-8", "replace")
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -318,36 +414,57 @@ def render_json(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:
 
 
 class LogRing:
-    """The last N events as JSON-ready dicts, plus live subscribers."""
+    """The last N events (``sockctl logs``) and the fan-out to live followers (``-f``).
+
+    ``add`` runs on every logging call, on the connection path, so it only appends to a
+    deque and bumps two counters under a lock: O(1), nothing per follower, no wake-up.
+    A fan-out thread, alive only while someone follows, wakes every ``FOLLOW_INTERVAL``,
+    takes what was appended since its last run, renders each event to JSON once, and
+    pushes the same batches to every follower (see ``Subscription``). While anyone
+    follows, the deque keeps at least ``_FOLLOW_RING`` events (``history`` still shows
+    only the last ``size``), so the fan-out thread does not lose events between runs;
+    if it ever did, the per-level counters say exactly how many each follower missed.
+    """
 
     def __init__(self, size: int) -> None:
+        self.size = size
         self._events: collections.deque[tuple[int, dict[str, Any] | str]] = collections.deque(
             maxlen=size
         )
+        self._appended = 0
+        #: Events ever appended, per level number (the fan-out's loss accounting).
+        self._counts: dict[int, int] = {}
         self._subscribers: list[Subscription] = []
         self._lock = threading.Lock()
+        self._fan_out_thread: threading.Thread | None = None
         self.enabled = True
+
+    def _reshape(self) -> None:
+        """Give the deque the capacity it needs now (the lock is held)."""
+        capacity = max(self.size, _FOLLOW_RING) if self._subscribers else self.size
+        if self._events.maxlen != capacity:
+            self._events = collections.deque(self._events, maxlen=capacity)
 
     def resize(self, size: int) -> None:
         with self._lock:
-            self._events = collections.deque(self._events, maxlen=size)
+            self.size = size
+            self._reshape()
 
     def add(self, event: dict[str, Any] | str, number: int) -> None:
-        """Keep a shallow copy; JSON-safety is paid by readers, not by every log call."""
+        """Keep a reference; JSON-safety and rendering are paid by readers, not here."""
         if not self.enabled:
             return
-        entry = (number, event)
         with self._lock:
-            self._events.append(entry)
-            if self._subscribers:
-                for sub in self._subscribers:
-                    if number >= sub.min_level:
-                        sub.offer(_plain(event))
+            self._events.append((number, event))
+            self._appended += 1
+            self._counts[number] = self._counts.get(number, 0) + 1
 
     def history(self, n: int, min_level: str = "debug") -> list[dict[str, Any]]:
         floor = level_number(min_level)
         with self._lock:
             events = list(self._events)
+            size = self.size
+        events = events[-size:] if size else []
         picked = [e for number, e in events if number >= floor]
         return [_plain(e) for e in picked[-n:]] if n else []
 
@@ -355,11 +472,83 @@ class LogRing:
         sub = Subscription(self, level_number(min_level))
         with self._lock:
             self._subscribers.append(sub)
+            self._reshape()
+            if self._fan_out_thread is None:
+                # It starts from here, not from whenever the thread first runs: an
+                # event logged right after this call must reach this follower.
+                self._fan_out_thread = threading.Thread(
+                    target=self._fan_out,
+                    args=(self._appended, dict(self._counts)),
+                    name="sockd-log-fanout",
+                    daemon=True,
+                )
+                self._fan_out_thread.start()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        with self._lock, contextlib.suppress(ValueError):
-            self._subscribers.remove(sub)
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(sub)
+            self._reshape()
+
+    @property
+    def followers(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+    def _fan_out(self, cursor: int, seen: dict[int, int]) -> None:
+        """Hand new events to followers every ``FOLLOW_INTERVAL`` until none is left.
+
+        ``cursor`` and ``seen`` are the append count and per-level counts it starts from.
+        """
+        while True:
+            time.sleep(FOLLOW_INTERVAL)
+            with self._lock:
+                subscribers = list(self._subscribers)
+                if not subscribers:
+                    self._fan_out_thread = None
+                    return
+                appended = self._appended
+                take = min(appended - cursor, len(self._events))
+                entries = list(itertools.islice(reversed(self._events), take))
+                counts = dict(self._counts)
+            entries.reverse()
+            # Events that left the ring before this run saw them: none below ~100k/s.
+            lost: dict[int, int] = {}
+            if appended - cursor > take:
+                delivered = collections.Counter(number for number, _ in entries)
+                for number, total in counts.items():
+                    gap = total - seen.get(number, 0) - delivered.get(number, 0)
+                    if gap > 0:
+                        lost[number] = gap
+            cursor, seen = appended, counts
+            if entries or lost:
+                self._deliver(subscribers, entries, lost)
+
+    @staticmethod
+    def _deliver(
+        subscribers: list[Subscription],
+        entries: list[tuple[int, dict[str, Any] | str]],
+        lost: dict[int, int],
+    ) -> None:
+        lines: list[tuple[int, bytes]] = []
+        for number, event in entries:
+            try:
+                lines.append((number, _ndjson(event)))
+            except Exception:  # one unrenderable event must not end the feed
+                lost[number] = lost.get(number, 0) + 1
+        for level in sorted({sub.min_level for sub in subscribers}):
+            chosen = [line for number, line in lines if number >= level]
+            missed = sum(count for number, count in lost.items() if number >= level)
+            if not chosen and not missed:
+                continue
+            batches = [
+                (b"".join(chosen[at : at + FOLLOW_BATCH]), len(chosen[at : at + FOLLOW_BATCH]))
+                for at in range(0, len(chosen), FOLLOW_BATCH)
+            ]
+            for sub in subscribers:
+                if sub.min_level == level:
+                    sub.push(batches, missed)
 
 
 class LogSystem:

@@ -2,11 +2,20 @@
 
 This is a leaf module: it imports nothing from the package, so ``sockctl`` can use it
 without pulling in the daemon. Presentation (messages, tables) lives elsewhere; this
-module only fixes the names and numbers other tools depend on.
+module only fixes the names and numbers other tools depend on: the ranges of every
+number the control API accepts (both ends check them, so ``sockctl`` refuses locally
+what the daemon would refuse), and ``path_entries``, the walk over the directories a
+control-socket path passes through that both ends judge it by (sockd refuses to create
+its socket where another user could replace it; sockctl trusts a directory's owner only
+where root handed that directory out).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Final
 
@@ -21,6 +30,12 @@ DEFAULT_CONTROL_SOCKET: Final = "/run/sockd/control.sock"
 CONTROL_SOCKET_ENV: Final = "SOCKD_CONTROL_SOCKET"
 #: Bodies larger than this are refused with 413 before they are read.
 MAX_REQUEST_BODY: Final = 64 * 1024
+#: ``POST /v1/stop {"timeout": T}``: seconds, 0 to this (a day, as ``server.shutdown_timeout``).
+MAX_STOP_TIMEOUT: Final = 86400.0
+#: ``DELETE /v1/connections/{id}``: ids are 0 to this (a signed 64-bit integer).
+MAX_CONNECTION_ID: Final = 2**63 - 1
+#: ``GET /v1/logs?n=N``: 0 to this many events of history.
+LOGS_MAX_N: Final = 100_000
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
@@ -45,6 +60,7 @@ class ErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     TIMEOUT = "timeout"
     CONFLICT = "conflict"
+    LENGTH_REQUIRED = "length_required"
     PAYLOAD_TOO_LARGE = "payload_too_large"
     INVALID_CONFIG = "invalid_config"
     UNAVAILABLE = "unavailable"
@@ -61,3 +77,74 @@ class ExitCode(IntEnum):
     PERMISSION = 4
     VERSION_MISMATCH = 5
     CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop
+
+
+# --------------------------------------------------------------------------- socket paths
+
+
+@dataclass(frozen=True, slots=True)
+class PathEntry:
+    """A directory or symbolic link that looking up a path goes through (``lstat``)."""
+
+    path: str
+    info: os.stat_result
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.info.st_mode)
+
+
+_MAX_LINKS: Final = 40  # as the kernel's ELOOP limit
+
+
+def path_entries(path: str) -> tuple[list[PathEntry], bool]:
+    """Every directory and symlink the lookup of ``path``'s parent directory goes through.
+
+    Walked from ``/`` as the kernel resolves it: a symlink's target is walked in its
+    place and ``..`` applies after resolution. Whoever can replace any of these entries
+    can make ``path`` name another file. Returns the entries in order (the last
+    directory is the one that would hold ``path``'s final component) and whether the
+    walk reached that directory: False when a component does not exist yet. Raises
+    ``OSError`` for a component that is not a directory, or a symlink loop.
+    """
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    pending = [p for p in path.split("/")[:-1] if p and p != "."]
+    current = "/"
+    entries = [PathEntry("/", os.lstat("/"))]
+    links = 0
+    while pending:
+        name = pending.pop(0)
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, name)
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            return entries, False
+        if stat.S_ISLNK(info.st_mode):
+            links += 1
+            if links > _MAX_LINKS:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), candidate)
+            entries.append(PathEntry(candidate, info))
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = "/"
+            pending[:0] = [p for p in target.split("/") if p and p != "."]
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), candidate)
+        entries.append(PathEntry(candidate, info))
+        current = candidate
+    return entries, True
+
+
+def writable_by_others(info: os.stat_result) -> bool:
+    """Group or world write permission (a user other than the owner may change entries)."""
+    return bool(info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def sticky(info: os.stat_result) -> bool:
+    """The sticky bit: only an entry's owner (or the directory's) may rename or remove it."""
+    return bool(info.st_mode & stat.S_ISVTX)

@@ -138,11 +138,12 @@ class FakeSubscription:
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.closed = threading.Event()
 
-    def get(self, timeout: float) -> dict[str, Any] | None:
+    def read(self, timeout: float) -> list[bytes]:
         try:
-            return self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()
+            event = self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()
         except queue.Empty:
-            return None
+            return []
+        return [json.dumps(event).encode() + b"\n"]
 
     def close(self) -> None:
         self.closed.set()
@@ -766,6 +767,17 @@ def test_malformed_request_line_is_bad_request(ctl: Harness, raw: bytes) -> None
     assert_error(exchange(ctl.path, raw), 400, "bad_request")
 
 
+def test_transfer_encoding_is_length_required(ctl: Harness) -> None:
+    """A body framed with Transfer-Encoding (chunked or not) is refused with 411, unread."""
+    for value in ("chunked", "gzip, chunked", "identity"):
+        raw = (
+            f"PUT /v1/log-level HTTP/1.1\r\nTransfer-Encoding: {value}\r\n\r\n"
+            '13\r\n{"level": "debug"}\r\n0\r\n\r\n'
+        ).encode()
+        assert_error(exchange(ctl.path, raw), 411, "length_required")
+    assert ctl.backend.called("set_log_level") == []
+
+
 @pytest.mark.parametrize(
     "headers",
     [
@@ -775,12 +787,12 @@ def test_malformed_request_line_is_bad_request(ctl: Harness, raw: bytes) -> None
         ": nameless\r\n",
         "Content-Length: abc\r\n",
         "Content-Length: 1\r\nContent-Length: 2\r\n",
-        "Transfer-Encoding: chunked\r\n",
     ],
-    ids=["no-colon", "folded", "space-in-name", "no-name", "cl-text", "cl-twice", "chunked"],
+    ids=["no-colon", "folded", "space-in-name", "no-name", "cl-text", "cl-twice"],
 )
 def test_bad_header_is_bad_request(ctl: Harness, headers: str) -> None:
-    """A malformed header line or an unusable body framing header answers 400."""
+    """A malformed header line or an unusable Content-Length answers 400 (and
+    Transfer-Encoding 411: test_transfer_encoding_is_length_required)."""
     raw = f"PUT /v1/log-level HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode()
     assert_error(exchange(ctl.path, raw), 400, "bad_request")
     assert ctl.backend.called("set_log_level") == []
@@ -1118,13 +1130,15 @@ def test_stranger_is_forbidden_and_logged(
     )
     assert_error(reply, 403, "forbidden")
     event = harness.log.wait_for("control.denied")
+    # Refused in the accept loop, before the request was read: no method or path yet.
     assert event == {
         "event": "control.denied",
         "log_level": "warning",
+        "count": 1,
         "uid": nobody.pw_uid,
         "pid": pid,
-        "method": "GET",
-        "path": "/v1/status",
+        "method": None,
+        "path": None,
     }
     assert harness.backend.called("status") == []
 
