@@ -9,10 +9,17 @@ signal to, so a stop is handled in microseconds, not at the next poll.
 The serving loop runs in its own thread (``server.Acceptor``); ``shutdown()`` is called
 from the main thread, never from the serving thread (that would deadlock), and the
 drain that follows has a deadline (the standard library's join on close has none).
+
+Nothing that can hang runs on the main thread: reading the config file at a reload
+imports the handler's module and calls its ``check_options`` (user code), so that runs in
+a thread of its own under a deadline while the main loop goes on reaping, closing idle
+connections and answering stops. systemd's watchdog is fed from the main loop, and only
+while the serving loop answers its heartbeat too: either one stuck stops the pings.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import os
@@ -21,6 +28,7 @@ import resource
 import selectors
 import signal
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +42,7 @@ from sockd import __version__, metrics, systemd
 from sockd.config import Address, Config, diff, load, to_dict
 from sockd.control import BackendConflict, BackendUnavailable, ControlServer, ReloadOutcome
 from sockd.errors import ConfigError, ControlError, StartupError
-from sockd.logs import LogSystem, Subscription
+from sockd.logs import LogSystem, PreparedLogging, Subscription
 from sockd.protocol import API_VERSION, LOG_LEVELS, State
 from sockd.server import (
     LISTENER_CLASSES,
@@ -45,19 +53,36 @@ from sockd.server import (
     Hub,
     Listener,
     Registry,
+    accept_queue_length,
+    allow_handshakes,
     bind_socket,
+    close_gently,
     finish_child,
     log_close,
+    stop_handshakes,
     tcp_stats,
 )
 
+#: ``shutdown_timeout`` is the stop's deadline: the process exits within it plus this.
+EXIT_MARGIN: Final = 0.5
 #: Seconds the drain waits, after cutting connections at the deadline, for handler
-#: threads and children to notice before children are killed and the process exits.
-CUT_GRACE: Final = 2.0
+#: threads and children to notice before children are killed (handler threads are
+#: daemon threads: one that ignores the cut does not keep the process alive).
+CUT_GRACE: Final = 0.25
+#: At most this long for the serving loop to stop at a drain (it may be stuck in a call).
+ACCEPTOR_STOP_WAIT: Final = 0.25
+#: At a stop, how long the emptied accept queues are watched for handshakes that were
+#: half done when new ones were shut out (their last ACK in flight: one round trip).
+BACKLOG_SETTLE: Final = 0.01
 HOUSEKEEPING_INTERVAL: Final = 1.0
 #: Tiny timeouts are checked this often at most (not a busy loop).
 MIN_HOUSEKEEPING_INTERVAL: Final = 0.05
 RELOAD_WAIT: Final = 120.0
+#: Seconds a reload (or dry run) may spend reading the config file, which imports the
+#: handler's module and runs its check_options: user code that may hang. Within
+#: sockctl's default 30 s request timeout. A validation still running after this is
+#: rejected and its thread left behind (a daemon thread: it never blocks an exit).
+VALIDATION_TIMEOUT: Final = 20.0
 
 
 @dataclass(slots=True)
@@ -98,7 +123,30 @@ class ReloadRecord:
         }
 
 
-Event = StopEvent | ReloadEvent | ReopenEvent
+@dataclass(slots=True, eq=False)
+class Validation:
+    """A reload's (or dry run's) reading of the config file, run in a thread of its own.
+
+    Reading the file imports the handler's module and calls its ``check_options``: user
+    code, which may hang. The main loop waits for the result as an event, up to
+    ``deadline``, and keeps serving meanwhile.
+    """
+
+    request: ReloadEvent
+    path: str
+    deadline: float
+    config: Config | None = None
+    handler_cls: type[socketserver.BaseRequestHandler] | None = None
+    problems: list[str] = field(default_factory=list)
+    error: Exception | None = None
+
+
+@dataclass(slots=True)
+class ValidatedEvent:
+    job: Validation
+
+
+Event = StopEvent | ReloadEvent | ReopenEvent | ValidatedEvent
 
 #: ``FDNAME=`` prefix of the listening sockets sockd keeps in systemd's fd store.
 FDSTORE_PREFIX: Final = "sockd-listen-"
@@ -159,7 +207,8 @@ class Daemon:
         self.hub.log = self.log
         self.acceptor = Acceptor(self.hub)
         self.control: ControlServer | None = None
-        self.notifier = systemd.Notifier()
+        self.notifier = systemd.Notifier(on_error=self._notify_failed)
+        self._notify_errors: set[str] = set()
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -170,6 +219,13 @@ class Daemon:
         self._cut_short = False
         self._old_handlers: dict[signal.Signals, Any] = {}
         self._last_status = ""
+        #: Reloads and dry runs waiting for the one in validation (``_validation``).
+        self._reloads: collections.deque[ReloadEvent] = collections.deque()
+        self._validation: Validation | None = None
+        self.validation_timeout = VALIDATION_TIMEOUT
+        #: Seconds between WATCHDOG=1 pings (None: no watchdog), and when the next is due.
+        self.watchdog_interval: float | None = None
+        self._next_watchdog = 0.0
 
     # ------------------------------------------------------------------ plumbing
     def _wake(self) -> None:
@@ -179,6 +235,12 @@ class Daemon:
     def _post(self, event: Event) -> None:
         self._events.put(event)
         self._wake()
+
+    def _notify_failed(self, message: str) -> None:
+        """``Notifier``'s on_error: a broken NOTIFY_SOCKET is logged once per distinct error."""
+        if message not in self._notify_errors:
+            self._notify_errors.add(message)
+            self.log.error("server.error", where="sd_notify", error=message)
 
     def _on_connection_closed(self) -> None:
         if self.state == State.DRAINING:
@@ -225,6 +287,10 @@ class Daemon:
         with self._signals():
             try:
                 self._start()
+            except systemd.SystemdError as exc:
+                self.log.error("server.error", error=str(exc))
+                self._close_everything()
+                raise StartupError(str(exc)) from None
             except (StartupError, ConfigError) as exc:
                 self.log.error("server.error", error=str(exc))
                 self._close_everything()
@@ -245,6 +311,8 @@ class Daemon:
             mode=config.server.mode,
             handler=config.server.handler,
         )
+        # First: a malformed WATCHDOG_USEC is a startup error before anything is created.
+        self.watchdog_interval = systemd.watchdog_interval()
         inherited = self._inherited_sockets()
         listeners: dict[Address, Listener] = {}
         try:
@@ -265,10 +333,6 @@ class Daemon:
         except ControlError as exc:
             raise StartupError(str(exc)) from None
         self.hub.fd_capacity = _fd_capacity()
-        interval = systemd.watchdog_interval()
-        if interval:
-            self.hub.watchdog = self.notifier.watchdog
-            self.hub.watchdog_interval = interval
         self.acceptor.start()
         for listener in listeners.values():
             self.log.info("server.listening", address=listener.label, inherited=listener.inherited)
@@ -331,13 +395,36 @@ class Daemon:
     def _main_loop(self) -> None:
         next_housekeeping = time.monotonic()
         while self._stop is None:
-            self._wait(max(0.0, next_housekeeping - time.monotonic()))
+            self._wait(max(0.0, min(next_housekeeping, self._next_timer()) - time.monotonic()))
             self._reap()
             self._handle_events()
             now = time.monotonic()
+            self._check_validation(now)
+            self._feed_watchdog(now)
             if now >= next_housekeeping:
                 self._housekeeping(now)
                 next_housekeeping = now + self._housekeeping_interval()
+
+    def _next_timer(self) -> float:
+        """The earliest of the watchdog ping and a validation's deadline (inf if none)."""
+        due = self._next_watchdog if self.watchdog_interval else float("inf")
+        if self._validation is not None:
+            due = min(due, self._validation.deadline)
+        return due
+
+    def _feed_watchdog(self, now: float) -> None:
+        """WATCHDOG=1 from the main loop itself, and only while the serving loop turns too.
+
+        Pinged from here, a main loop stuck anywhere (in user code, on a lock) stops the
+        pings and systemd restarts the service; the serving loop's heartbeat covers a
+        stuck accept loop. Every ``WatchdogSec=``/2 as sd_watchdog_enabled(3) advises.
+        """
+        interval = self.watchdog_interval
+        if not interval or now < self._next_watchdog:
+            return
+        if self.acceptor.beat():
+            self.notifier.watchdog()
+        self._next_watchdog = now + interval
 
     def _housekeeping_interval(self) -> float:
         settings = self.hub.settings
@@ -358,14 +445,16 @@ class Daemon:
             if isinstance(event, StopEvent):
                 self._on_stop(event)
             elif isinstance(event, ReloadEvent):
-                if event.reply is None:
+                if event.reply is None and not event.dry_run:
                     pending_signal_reload = True  # a burst of SIGHUPs is one reload
                 else:
-                    self._reload_for(event)
+                    self._queue_reload(event)
+            elif isinstance(event, ValidatedEvent):
+                self._validated(event.job)
             else:
                 self._reopen(event.source)
         if pending_signal_reload:
-            self._reload_for(ReloadEvent("SIGHUP"))
+            self._queue_reload(ReloadEvent("SIGHUP"))
 
     def _on_stop(self, event: StopEvent) -> None:
         if self._stop is None:
@@ -380,27 +469,132 @@ class Daemon:
             # progress, as a script re-running `stop --wait` does.
             self._cut_short = True
 
-    def _reload_for(self, event: ReloadEvent) -> None:
-        if event.dry_run and event.reply is not None:
-            try:
-                event.reply.set_result(self._dry_run())
-            except Exception as exc:  # a bug: report it to the waiting caller
-                event.reply.set_exception(exc)
-            return
+    # ------------------------------------------------------------------ reload queue
+    def _queue_reload(self, event: ReloadEvent) -> None:
+        """Reloads and dry runs run one at a time, in order; a SIGHUP waiting covers another."""
         if self._stop is not None:
-            outcome_error = BackendUnavailable("the daemon is stopping; reload refused")
-            if event.reply is not None:
-                event.reply.set_exception(outcome_error)
+            self._refuse_stopping(event)
             return
+        if event.reply is None and any(e.reply is None for e in self._reloads):
+            return
+        self._reloads.append(event)
+        self._next_reload()
+
+    @staticmethod
+    def _refuse_stopping(event: ReloadEvent) -> None:
+        if event.reply is not None and not event.reply.done():
+            event.reply.set_exception(BackendUnavailable("the daemon is stopping; reload refused"))
+
+    def _next_reload(self) -> None:
+        """Start validating the next queued reload or dry run, if none is in validation."""
+        while self._validation is None and self._reloads:
+            event = self._reloads.popleft()
+            path = self.config_path
+            if path is None:
+                self._answer(event, self._outcome_without_file(event))
+                continue
+            if not event.dry_run:
+                self._begin_reloading()
+            job = Validation(event, path, time.monotonic() + self.validation_timeout)
+            thread = threading.Thread(
+                target=self._validate, args=(job,), name="reload-validation", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError as exc:  # at the thread limit
+                self._conclude_unvalidated(job, f"cannot validate the config now: {exc}")
+                continue
+            self._validation = job
+
+    def _outcome_without_file(self, event: ReloadEvent) -> ReloadOutcome:
+        problem = "sockd was started without a config file to re-read"
+        if event.dry_run:
+            return ReloadOutcome(False, self.generation, [], [problem])
+        return self._reject(event.source, [problem])
+
+    def _validate(self, job: Validation) -> None:
+        """In the validation thread: read and validate the file, import the handler."""
         try:
-            outcome = self._reload(event.source)
+            config = load(job.path)
+            job.handler_cls = config.handler_class()
+            job.config = config
+        except ConfigError as exc:
+            job.problems = exc.problems
+        except Exception as exc:  # a bug, reported to the waiting caller by the main loop
+            job.error = exc
+        except BaseException as exc:  # SystemExit & co. from the handler's module: its fault
+            job.problems = [f"server.handler: loading it raised {type(exc).__name__}: {exc}"]
+        self._post(ValidatedEvent(job))
+
+    def _check_validation(self, now: float) -> None:
+        """Reject a validation still running at its deadline; its thread is left behind."""
+        job = self._validation
+        if job is None or now < job.deadline:
+            return
+        self._validation = None
+        self._conclude_unvalidated(
+            job,
+            f"handler validation did not finish within {self.validation_timeout:g} s "
+            "(importing the handler's module or its check_options hangs); its thread "
+            "is left running",
+        )
+        self._next_reload()
+
+    def _conclude_unvalidated(self, job: Validation, problem: str) -> None:
+        event = job.request
+        if event.dry_run:
+            self._answer(event, ReloadOutcome(False, self.generation, [], [problem]))
+            return
+        outcome = self._reject(event.source, [problem])
+        self._end_reloading()
+        self._answer(event, outcome)
+
+    def _validated(self, job: Validation) -> None:
+        """A validation finished: apply (or compare, for a dry run) on the main thread."""
+        if job is not self._validation:
+            return  # given up at its deadline or at a stop; the answer went out then
+        self._validation = None
+        event = job.request
+        try:
+            outcome = self._conclude(job)
         except Exception as exc:  # a bug: report it to the waiting caller, keep serving
             self.log.exception("server.error", where="reload")
             if event.reply is not None:
                 event.reply.set_exception(exc)
-            return
-        if event.reply is not None:
+        else:
+            self._answer(event, outcome)
+        self._next_reload()
+
+    def _conclude(self, job: Validation) -> ReloadOutcome:
+        event = job.request
+        if event.dry_run:
+            if job.error is not None:
+                raise job.error
+            if job.config is None:
+                return ReloadOutcome(False, self.generation, [], job.problems)
+            changes = [c.as_dict() for c in diff(self.config, job.config)]
+            return ReloadOutcome(False, self.generation, changes, [])
+        try:
+            if job.error is not None:
+                raise job.error
+            if job.config is None or job.handler_cls is None:
+                return self._reject(event.source, job.problems)
+            return self._apply_reload(event.source, job.config, job.handler_cls)
+        finally:
+            self._end_reloading()
+
+    @staticmethod
+    def _answer(event: ReloadEvent, outcome: ReloadOutcome) -> None:
+        if event.reply is not None and not event.reply.done():
             event.reply.set_result(outcome)
+
+    def _abandon_reloads(self) -> None:
+        """At a stop: whoever waits for a reload or dry run hears that none will happen."""
+        job, self._validation = self._validation, None
+        pending = ([job.request] if job is not None else []) + list(self._reloads)
+        self._reloads.clear()
+        for event in pending:
+            self._refuse_stopping(event)
 
     def _housekeeping(self, now: float) -> None:
         self.registry.flush_refusals(self.log, now)
@@ -456,16 +650,15 @@ class Daemon:
         return f"{verb} {active} connection{'s' if active != 1 else ''} on {listen}"
 
     # ------------------------------------------------------------------ reload
-    def _reload(self, source: str) -> ReloadOutcome:
-        """Build the new before retiring the old; on any failure keep the old as it was."""
-        previous_state = self.state
+    def _begin_reloading(self) -> None:
         self.state = State.RELOADING
         self.notifier.reloading()
-        try:
-            return self._reload_inner(source)
-        finally:
-            if self.state == State.RELOADING:
-                self.state = previous_state
+
+    def _end_reloading(self) -> None:
+        if self.state == State.RELOADING:
+            # Paused or not as the serving loop is now: a pause or resume may have come
+            # in while the new config was being validated.
+            self.state = State.PAUSED if self.acceptor.paused else State.RUNNING
             self.notifier.ready(self._status_line())
 
     def _reject(self, source: str, errors: list[str]) -> ReloadOutcome:
@@ -474,41 +667,55 @@ class Daemon:
         self.log.error("reload.rejected", source=source, errors=errors, generation=self.generation)
         return ReloadOutcome(applied=False, generation=self.generation, changes=[], errors=errors)
 
-    def _reload_inner(self, source: str) -> ReloadOutcome:
-        path = self.config_path
-        if path is None:
-            return self._reject(source, ["sockd was started without a config file to re-read"])
-        try:
-            new = load(path)
-        except ConfigError as exc:
-            return self._reject(source, exc.problems)
+    def _apply_reload(
+        self, source: str, new: Config, handler_cls: type[socketserver.BaseRequestHandler]
+    ) -> ReloadOutcome:
+        """All or nothing: prepare everything that can fail, then commit what cannot.
+
+        Prepared in order, each undone if a later one fails (or raises, a bug included):
+        the new log output opened (not yet written to), added addresses bound, then the
+        control socket reconfigured, last because it keeps its old settings when it
+        fails. From there on nothing can fail.
+        """
         old = self.config
         changes = diff(old, new)
         changed = {c.key for c in changes}
-        # 1. Bind added addresses first: a failure rejects the whole reload.
         current = self.acceptor.listeners
         added: dict[Address, socket.socket] = {}
+        prepared: PreparedLogging | None = None
+        committed = False
         try:
-            for address in new.server.listen:
-                if address not in current:
-                    added[address] = bind_socket(
-                        address, new.server.request_queue_size, new.server.reuse_port
-                    )
-        except OSError as exc:
-            for sock in added.values():
-                sock.close()
-            return self._reject(source, [f"server.listen: {exc.strerror}"])
-        # 2. The control channel next: it can fail too (unknown group, path taken).
-        if self.control is not None and any(k.startswith("control.") for k in changed):
+            # 1. The log output: a directory or a path without permission fails here.
             try:
-                self.control.apply(new.control)
-            except ControlError as exc:
+                prepared = self.logs.prepare(new.logging)
+            except OSError as exc:
+                problem = f"cannot open {new.logging.output}: {exc.strerror or exc}"
+                return self._reject(source, [f"logging.output: {problem}"])
+            # 2. Bind added addresses: a failure rejects the whole reload.
+            try:
+                for address in new.server.listen:
+                    if address not in current:
+                        added[address] = bind_socket(
+                            address, new.server.request_queue_size, new.server.reuse_port
+                        )
+            except OSError as exc:
+                return self._reject(source, [f"server.listen: {exc.strerror}"])
+            # 3. The control channel last: on failure it keeps its old settings.
+            if self.control is not None and any(k.startswith("control.") for k in changed):
+                try:
+                    self.control.apply(new.control)
+                except ControlError as exc:
+                    return self._reject(source, [str(exc)])
+            committed = True
+        finally:
+            if not committed:
                 for sock in added.values():
                     sock.close()
-                return self._reject(source, [str(exc)])
-        # 3. Nothing can fail from here on.
-        self.logs.apply(new.logging)
-        self.hub.apply(new.server, new.handler_class())
+                if prepared is not None:
+                    self.logs.discard(prepared)
+        # 4. Nothing can fail from here on.
+        self.logs.commit(prepared)
+        self.hub.apply(new.server, handler_cls)
         mode_changed = new.server.mode != old.server.mode
         listeners: dict[Address, Listener] = {}
         retired: list[Listener] = []
@@ -564,39 +771,134 @@ class Daemon:
         stop = self._stop or StopEvent("exit")
         timeout = stop.timeout if stop.timeout is not None else self.hub.settings.shutdown_timeout
         began = time.monotonic()
+        deadline = began + timeout
         self.state = State.DRAINING
         self.notifier.stopping()
-        self.acceptor.shutdown()
-        for listener in self.acceptor.listeners.values():
-            listener.socket.close()  # new connections are refused from here on
+        self._extend_systemd_timeout(deadline)
+        self._abandon_reloads()
+        if not self.acceptor.shutdown(ACCEPTOR_STOP_WAIT):
+            self.log.error("server.error", where="drain", error="the serving loop did not stop")
+        backlog = self._take_backlog()
+        taken = len(backlog)
         # Counted before handlers learn of the drain: one that ends at once on
         # self.draining still counts as finished, not as never having been open.
         at_start = self.registry.count()
         self.hub.draining.set()
-        self.log.info("server.stopping", source=stop.source, active=at_start, timeout_s=timeout)
+        self.registry.flush_refusals(self.log, time.monotonic(), every=0)
+        self.log.info(
+            "server.stopping",
+            source=stop.source,
+            active=at_start,
+            backlog=taken,
+            timeout_s=timeout,
+        )
         self._signal_children(signal.SIGTERM)
-        deadline = began + timeout
-        self._extend_systemd_timeout(deadline)
-        while self.registry.count() and not self._cut_short:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        served = 0
+        while not self._cut_short:
+            served += self._serve_backlog(backlog)
+            if not self.registry.count() and not backlog:
                 break
-            self._wait(min(remaining, HOUSEKEEPING_INTERVAL))
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            self._wait(min(deadline, now + HOUSEKEEPING_INTERVAL, self._next_timer()) - now)
             self._reap()
             self._handle_events()
+            self._feed_watchdog(time.monotonic())
             self._extend_systemd_timeout(deadline)
+        for request in backlog:
+            close_gently(request[1])  # never served: EOF for its client, not a reset
         cut = self._cut_remaining()
+        self.registry.flush_refusals(self.log, time.monotonic(), every=0)
         self.log.info(
             "server.stopped",
-            finished=max(0, at_start - cut),
+            finished=max(0, at_start + served - cut),
             cut=cut,
+            backlog=taken,
+            backlog_closed=taken - served,
             duration_ms=round((time.monotonic() - began) * 1000, 3),
         )
-        self._close_everything()
+        self._close_everything(deadline + EXIT_MARGIN - 0.1 - time.monotonic())
         self.state = State.STOPPED
 
+    def _take_backlog(self) -> collections.deque[tuple[Listener, Any, Any]]:
+        """Close the listening sockets without resetting what the kernel already accepted.
+
+        A connection whose handshake completed waits in the listening socket's queue
+        and its client may already have sent a request; closing the socket would reset
+        it. So new connection attempts are shut out first (``stop_handshakes``), the
+        queue is emptied (served by the drain as room allows, or closed with a FIN at
+        its deadline), and only then are the sockets closed: a client that connects
+        from then on is refused (ECONNREFUSED), never reset after its connect succeeded.
+
+        Left open to a race: a handshake whose last ACK is more than ``BACKLOG_SETTLE``
+        late. A socket that outlives us (systemd's, or in its fd store) gets its
+        filter removed before we let go of it; connections that arrive in that
+        instant stay queued for the next instance.
+        """
+        listeners = list(self.acceptor.listeners.values())
+        filtered = [lst for lst in listeners if stop_handshakes(lst.socket)]
+        backlog: collections.deque[tuple[Listener, Any, Any]] = collections.deque()
+        for listener in listeners:
+            self._accept_queued(listener, backlog)
+        if filtered:
+            with selectors.DefaultSelector() as sel:
+                for listener in filtered:
+                    sel.register(listener.socket, selectors.EVENT_READ, listener)
+                for key, _ in sel.select(BACKLOG_SETTLE):
+                    self._accept_queued(key.data, backlog)
+        shared = self.notifier.enabled
+        for listener in listeners:
+            if listener in filtered and (shared or listener.inherited):
+                allow_handshakes(listener.socket)
+            left = accept_queue_length(listener.socket)
+            if left and not (shared or listener.inherited):
+                self.log.error(
+                    "server.error",
+                    where="drain",
+                    error=f"{left} connection(s) in the backlog of {listener.label} could "
+                    "not be accepted and are reset",
+                )
+            listener.socket.close()  # new connections are refused from here on
+        return backlog
+
+    def _accept_queued(
+        self, listener: Listener, backlog: collections.deque[tuple[Listener, Any, Any]]
+    ) -> None:
+        while True:
+            try:
+                request, client_address = listener.get_request()
+            except OSError:  # EAGAIN: the queue is empty; EMFILE: counted at the close
+                return
+            backlog.append((listener, request, client_address))
+
+    def _serve_backlog(self, backlog: collections.deque[tuple[Listener, Any, Any]]) -> int:
+        """Hand connections taken from the backlog to their handlers as the limits allow."""
+        served = 0
+        settings = self.hub.settings
+        while backlog and not self.hub.at_capacity():
+            if settings.max_connections and self.registry.count() >= settings.max_connections:
+                break  # on_limit = "refuse" too: these were accepted already, they wait
+            listener, request, client_address = backlog.popleft()
+            try:
+                if not listener.verify_request(request, client_address):
+                    close_gently(request)  # refused by an access rule or per-peer limit
+                    continue
+                conn: Connection = request.sockd_conn
+                listener.process_request(request, client_address)
+                if conn.claimed or self.registry.get(conn.id) is not None:
+                    served += 1
+            except Exception:
+                self.log.exception("server.error", where="process_request")
+                conn = request.sockd_conn
+                if conn is not None:
+                    self.registry.remove(conn, None)
+                close_gently(request)
+        return served
+
     def _extend_systemd_timeout(self, deadline: float) -> None:
-        remaining = deadline - time.monotonic() + CUT_GRACE + 5
+        # The stop deadline, the exit margin, and a little for the interpreter to exit.
+        remaining = deadline - time.monotonic() + EXIT_MARGIN + 1.0
         if remaining > 0:
             self.notifier.extend_timeout(remaining)
 
@@ -606,7 +908,12 @@ class Daemon:
                 os.kill(pid, sig)
 
     def _cut_remaining(self) -> int:
-        """Close what is left at the deadline; every connection still gets its conn.close."""
+        """Close what is left at the deadline; every connection still gets its conn.close.
+
+        Handlers get ``CUT_GRACE`` to notice; then forked children are killed and the
+        rest is logged here. Handler threads are daemon threads: one that ignores the
+        cut does not keep the process alive.
+        """
         leftover = self.registry.snapshot()
         if not leftover:
             return 0
@@ -614,7 +921,7 @@ class Daemon:
             self._cut(conn, "drain_deadline")
         grace_end = time.monotonic() + CUT_GRACE
         while self.registry.count() and time.monotonic() < grace_end:
-            self._wait(0.05)
+            self._wait(min(0.05, max(0.0, grace_end - time.monotonic())))
             self._reap()
         if self.registry.children:
             self._signal_children(signal.SIGKILL)
@@ -628,9 +935,17 @@ class Daemon:
                 self.registry.remove(conn, None)
         return len(leftover)
 
-    def _close_everything(self) -> None:
+    def _close_everything(self, budget: float = 2.0) -> None:
+        """Close the control channel (within ``budget`` s: its requests may be stuck) and
+        the listening sockets."""
         if self.control is not None:
-            self.control.close()
+            closer = threading.Thread(target=self.control.close, name="control-close", daemon=True)
+            try:
+                closer.start()
+            except RuntimeError:  # at the thread limit: close it here, unbounded
+                self.control.close()
+            else:
+                closer.join(max(0.1, budget))
         for listener in self.acceptor.listeners.values():
             with contextlib.suppress(OSError):
                 listener.socket.close()
@@ -678,28 +993,15 @@ class Daemon:
         }
 
     def reload_check(self) -> ReloadOutcome:
-        """A dry run, on the main thread like a reload (it may import the handler's
-        module, user code), so it sees one consistent config and generation."""
+        """A dry run: the config file validated (off the main thread, like a reload's: it
+        imports the handler's module, user code) and compared with the running config,
+        nothing applied. What only applying can prove (opening the log output, binding
+        added addresses, the control socket's new owner) is not tried."""
         if self._stop is not None:
             raise BackendUnavailable("the daemon is stopping; reload refused")
         reply: Future[ReloadOutcome] = Future()
         self._post(ReloadEvent("control", reply, dry_run=True))
         return reply.result(timeout=RELOAD_WAIT)
-
-    def _dry_run(self) -> ReloadOutcome:
-        """The config file validated and compared with the running config; nothing
-        applied. What only applying can prove (binding added addresses, the control
-        socket's new owner) is not tried."""
-        path = self.config_path
-        if path is None:
-            problems = ["sockd was started without a config file to re-read"]
-            return ReloadOutcome(False, self.generation, [], problems)
-        try:
-            new = load(path)
-        except ConfigError as exc:
-            return ReloadOutcome(False, self.generation, [], exc.problems)
-        changes = [c.as_dict() for c in diff(self.config, new)]
-        return ReloadOutcome(False, self.generation, changes, [])
 
     def reload(self) -> ReloadOutcome:
         if self._stop is not None:

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -37,9 +38,15 @@ EVENTS: Final = {
     "server.listening": "one listening address is accepting (address, inherited)",
     "server.paused": "accepting stopped by sockctl pause",
     "server.resumed": "accepting restarted by sockctl resume",
-    "server.stopping": "a graceful stop began (signal or sockctl stop): active, timeout_s",
-    "server.stopped": "the drain ended: finished, cut, duration_ms",
-    "server.error": "a runtime failure outside any connection",
+    "server.stopping": (
+        "a graceful stop began (signal or sockctl stop): active, backlog (connections "
+        "taken from the listen queue), timeout_s"
+    ),
+    "server.stopped": (
+        "the drain ended: finished, cut, backlog, backlog_closed (taken from the listen "
+        "queue but closed unserved, with a FIN), duration_ms"
+    ),
+    "server.error": "a runtime failure outside any connection: error, where",
     "conn.open": "a connection was accepted (debug level: conn.close carries everything)",
     "conn.close": "the canonical line for one connection: duration, bytes, how it ended",
     "conn.refused": "connections refused by a limit or access rule (rate-limited summary): counts",
@@ -141,7 +148,12 @@ class Sink:
             return os.dup(sys.stdout.fileno())
         if target == "stderr":
             return os.dup(sys.stderr.fileno())
-        return os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # O_NONBLOCK for the open only: opening a FIFO nobody reads fails at once
+        # (ENXIO) instead of blocking the main loop until a reader comes.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+        fd = os.open(target, flags, 0o640)
+        os.set_blocking(fd, True)
+        return fd
 
     @property
     def is_journal(self) -> bool:
@@ -152,12 +164,29 @@ class Sink:
 
     def retarget(self, target: str) -> None:
         """Point the descriptor at ``target`` (a reload or a logrotate reopen)."""
+        self.switch(target, *self.open_target(target))
+
+    def open_target(self, target: str) -> tuple[int, Any]:
+        """``retarget``'s half that can fail: open ``target`` without writing to it yet.
+
+        Returns the new descriptor and journal writer for ``switch``; close the
+        descriptor to give up instead.
+        """
         fresh = self._open(target)
+        try:
+            journal = _journal_for(target)
+        except BaseException:
+            os.close(fresh)
+            raise
+        return fresh, journal
+
+    def switch(self, target: str, fresh: int, journal: Any) -> None:
+        """``retarget``'s half that cannot fail: ``dup2`` onto our own descriptor."""
         try:
             os.dup2(fresh, self.fd, inheritable=False)
         finally:
             os.close(fresh)
-        self._journal = _journal_for(target)
+        self._journal = journal
         self.target = target
 
     def reopen(self) -> None:
@@ -650,14 +679,48 @@ class LogSystem:
         self.sink.reopen()
 
     def apply(self, settings: LoggingConfig) -> None:
-        """Take new logging settings live (reload)."""
-        if settings.output != self.settings.output:
-            self.sink.retarget(settings.output)
+        """Take new logging settings live: ``prepare`` then ``commit``."""
+        self.commit(self.prepare(settings))
+
+    def prepare(self, settings: LoggingConfig) -> PreparedLogging:
+        """What can fail in taking ``settings`` (opening a new output), done ahead.
+
+        Nothing changes until ``commit``; ``discard`` gives the prepared output up. A
+        reload prepares this with everything else that can fail, so it is all or nothing.
+        """
+        if settings.output == self.settings.output:
+            return PreparedLogging(settings)
+        fd, journal = self.sink.open_target(settings.output)
+        return PreparedLogging(settings, fd, journal)
+
+    def commit(self, prepared: PreparedLogging) -> None:
+        """Switch to prepared settings; cannot fail."""
+        settings = prepared.settings
+        if prepared.fd is not None:
+            fd, prepared.fd = prepared.fd, None
+            self.sink.switch(settings.output, fd, prepared.journal)
         if settings.ring_size != self.settings.ring_size:
             self.ring.resize(settings.ring_size)
         self.settings = settings
         self.set_level(settings.level)
         self._render = self._make_renderer()
+
+    @staticmethod
+    def discard(prepared: PreparedLogging) -> None:
+        """Give up prepared settings: close the output opened for them."""
+        if prepared.fd is not None:
+            fd, prepared.fd = prepared.fd, None
+            os.close(fd)
+
+
+@dataclass(slots=True)
+class PreparedLogging:
+    """New logging settings with their output already open (``LogSystem.prepare``)."""
+
+    settings: LoggingConfig
+    #: The new output's descriptor, when the output changes; None once used or closed.
+    fd: int | None = None
+    journal: Any = None
 
 
 def get_logger(**context: Any) -> Any:

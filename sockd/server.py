@@ -8,8 +8,9 @@ through socketserver's hooks (``get_request``, ``verify_request``, ``process_req
 
 One ``Acceptor`` thread serves every listener with one ``selectors`` loop instead of
 ``serve_forever``'s 0.5 s poll: a self-pipe wakes it at once for a stop, a pause or a
-listener swap, so an idle daemon stops in milliseconds. It is also where systemd's
-watchdog is fed, so a stuck accept loop gets the service restarted.
+listener swap, so an idle daemon stops in milliseconds. It answers the daemon's
+heartbeat (``Acceptor.beat``): the main loop feeds systemd's watchdog only while both
+loops turn, so a stuck accept loop or a stuck main loop gets the service restarted.
 
 Byte counts come from the kernel (``TCP_INFO``), not from wrapping the socket: nothing
 is added to the data path, and the parent can read live counts of a connection that a
@@ -20,6 +21,7 @@ which also lets ``sockctl kick`` close a child's connection with ``shutdown()``)
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import json
@@ -64,29 +66,37 @@ class TrafficStats:
     idle_ms: int = 0
 
 
-#: state @0, last_data_recv @52, bytes_received @128, notsent_bytes @144,
-#: bytes_sent @200, bytes_retrans @208: one unpack for everything we read.
-_TCPI_FIELDS: Final = struct.Struct("=B51xI72xQ8xI52xQQ")
-_TCPI_FIELDS_OLD: Final = struct.Struct("=B51xI72xQ")
+#: state @0, last_data_sent @44, last_data_recv @52, bytes_received @128,
+#: notsent_bytes @144, bytes_sent @200, bytes_retrans @208: one unpack for everything.
+_TCPI_FIELDS: Final = struct.Struct("=B43xI4xI72xQ8xI52xQQ")
+_TCPI_FIELDS_OLD: Final = struct.Struct("=B43xI4xI72xQ")
+#: A listening socket's accept queue length (``tcpi_unacked`` of a LISTEN socket).
+_TCPI_UNACKED: Final = 24
 
 
 def tcp_stats(sock: socket.socket) -> TrafficStats | None:
-    """Bytes received and written so far, and ms since data last arrived, from TCP_INFO."""
+    """Bytes received and written so far, and ms since data last moved, from TCP_INFO.
+
+    ``idle_ms`` counts data either way: a client reading a long download sends nothing,
+    yet the connection is busy while data goes out (``tcpi_last_data_sent``).
+    """
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_LEN)
     except (OSError, AttributeError):
         return None
     if len(info) >= _TCPI_LEN:
-        state, idle_ms, received, notsent, sent, retrans = _TCPI_FIELDS.unpack_from(info)
+        state, since_sent, since_recv, received, notsent, sent, retrans = _TCPI_FIELDS.unpack_from(
+            info
+        )
         written = sent - retrans + notsent
     elif len(info) >= _TCPI_LEN_OLD:
-        state, idle_ms, received = _TCPI_FIELDS_OLD.unpack_from(info)
+        state, since_sent, since_recv, received = _TCPI_FIELDS_OLD.unpack_from(info)
         (written,) = struct.unpack_from("Q", info, _TCPI_BYTES_ACKED)
     else:
         return None
     if received and _peer_fin_received(sock, state):
         received -= 1  # the peer's FIN takes a sequence number; it is not a byte
-    return TrafficStats(received, written, idle_ms)
+    return TrafficStats(received, written, min(since_sent, since_recv))
 
 
 _FIN_RECEIVED_STATES: Final = frozenset({6, 8, 9, 11})  # TIME_WAIT CLOSE_WAIT LAST_ACK CLOSING
@@ -212,7 +222,8 @@ def _iso(ts: float) -> str:
 
 
 #: Why a connection was closed before its handler ran (``conn.refused``, metrics).
-REFUSAL_REASONS: Final = ("denied", "max_connections", "max_per_ip", "rate_per_ip")
+#: ``threads``: the process could not start a thread for it (its thread limit).
+REFUSAL_REASONS: Final = ("denied", "max_connections", "max_per_ip", "rate_per_ip", "threads")
 #: Which limit paused accepting (``server.throttled``, metrics).
 THROTTLE_REASONS: Final = ("max_connections", "max_children", "fd_limit")
 
@@ -317,6 +328,21 @@ class Registry:
         self.on_close()
         return True
 
+    def unadmit(self, conn: Connection, reason: str) -> None:
+        """Take back a connection admitted but never served: a refusal, not a close."""
+        with self.lock:
+            if self.active.pop(conn.id, None) is None:
+                return
+            left = self.per_peer.get(conn.peer_key, 1) - 1
+            if left:
+                self.per_peer[conn.peer_key] = left
+            else:
+                self.per_peer.pop(conn.peer_key, None)
+            self.counters.total -= 1
+            self.counters.refused[reason] = self.counters.refused.get(reason, 0) + 1
+            self._pending_refusals[reason] = self._pending_refusals.get(reason, 0) + 1
+        self.on_close()
+
     def count(self) -> int:
         return len(self.active)
 
@@ -342,10 +368,14 @@ class Registry:
             self._pending_refusals[reason] = self._pending_refusals.get(reason, 0) + 1
 
     def flush_refusals(self, log: Any, now: float, every: float = 1.0) -> None:
-        """Log refusals and limit hits as one summary line a second at most, never per peer."""
+        """Log refusals and limit hits as one summary line a second at most, never per peer.
+
+        ``every=0`` writes what is pending at once (at the drain, so the last second's
+        refusals before a stop are not lost).
+        """
         if not (self._pending_refusals or self._pending_throttles):
             return
-        if now - self._last_refusal_log < every:
+        if every and now - self._last_refusal_log < every:
             return
         with self.lock:
             refused, self._pending_refusals = self._pending_refusals, {}
@@ -377,9 +407,6 @@ class Hub:
         self.log: Any = structlog.get_logger()
         self.listen_sockets: Callable[[], Iterable[socket.socket]] = lambda: ()
         self.rules = AccessRules(settings)
-        #: Set by the daemon: the ``sd_notify`` watchdog ping, fed from the serving loop.
-        self.watchdog: Callable[[], object] | None = None
-        self.watchdog_interval: float | None = None
         #: Connections that fit in the descriptor limit, leaving a reserve for the
         #: control channel, log files and reload binds (set by the daemon at start).
         self.fd_capacity: int = 1 << 62
@@ -623,6 +650,22 @@ class ListenerMixin:
         with contextlib.suppress(OSError):
             request.close()
 
+    def shutdown_request(self, request: Any) -> None:
+        """socketserver's: end our side with a FIN, then close; during a drain, without a reset.
+
+        Closing a socket whose peer's bytes were never read makes the kernel send a
+        reset instead of a FIN, and the client cannot tell whether its request ran. A
+        handler that ends at the drain signal before reading the request it was handed
+        (a connection taken from the backlog at the stop) must not reset it, so during a
+        drain what the peer already sent is read and dropped first (one Event check per
+        connection otherwise).
+        """
+        with contextlib.suppress(OSError):
+            request.shutdown(socket.SHUT_WR)
+        if self.hub.draining.is_set():
+            discard_input(request)
+        self.close_request(request)  # type: ignore[attr-defined]  # the socketserver class's
+
 
 class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
     """``mode = "threading"``: socketserver's thread per connection, daemon threads.
@@ -638,11 +681,17 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        self.hub.workers.submit(
-            self.process_request_thread,
-            (request, client_address),
-            f"conn-{request.sockd_conn.id}",
-        )
+        conn: Connection = request.sockd_conn
+        try:
+            self.hub.workers.submit(
+                self.process_request_thread, (request, client_address), f"conn-{conn.id}"
+            )
+        except RuntimeError:
+            # "can't start new thread": the process is at its thread limit (RLIMIT_NPROC,
+            # a cgroup's pids.max, memory for stacks). A refusal like any other limit:
+            # counted, in the rate-limited conn.refused summary, no traceback per peer.
+            self.hub.registry.unadmit(conn, "threads")
+            close_gently(request)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         conn: Connection = request.sockd_conn
@@ -653,7 +702,10 @@ class ThreadingListener(ListenerMixin, socketserver.ThreadingTCPServer):
             self.finish_request(request, client_address)
         except _PEER_GONE:
             ended = "peer_gone"  # the client hung up mid-reply: not a server bug
-        except Exception:
+        except BaseException:
+            # SystemExit and KeyboardInterrupt too: raised by a handler they would only
+            # end this thread, with the traceback on raw stderr and the connection
+            # logged as closed normally.
             ended = "error"
             self.handle_error(request, client_address)
         finally:
@@ -769,7 +821,7 @@ class ForkingListener(ListenerMixin, socketserver.ForkingTCPServer):
                 status = 0
             except _PEER_GONE:
                 status = _EXIT_PEER_GONE
-            except Exception:
+            except BaseException:  # SystemExit too: a handler error, as in threading mode
                 self.handle_error(request, client_address)
             finally:
                 self.shutdown_request(request)
@@ -833,6 +885,83 @@ def finish_child(registry: Registry, pid: int, status: int) -> None:
         registry.remove(conn, stats, error=ended == "error")
 
 
+#: How much a gentle close reads and drops at most: a peer still streaming after
+#: that gets the reset it asked for.
+_DISCARD_LIMIT: Final = 1 << 20
+
+
+def discard_input(sock: socket.socket) -> None:
+    """Read and drop what the peer already sent, without waiting for more."""
+    left = _DISCARD_LIMIT
+    with contextlib.suppress(OSError):
+        while left > 0:
+            chunk = sock.recv(65536, socket.MSG_DONTWAIT)
+            if not chunk:
+                return
+            left -= len(chunk)
+
+
+def close_gently(sock: socket.socket) -> None:
+    """Close with a FIN, never a reset: the peer reads EOF, whatever it had sent."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    discard_input(sock)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+# A classic BPF socket filter that drops TCP segments with SYN set and ACK clear (new
+# connection attempts) and passes everything else. For a TCP socket the kernel runs it
+# with the packet's data at the TCP header, so byte 13 holds the flags.
+_SO_ATTACH_FILTER: Final = 26
+_SO_DETACH_FILTER: Final = 27
+_DROP_SYN_PROGRAM: Final = (
+    (0x30, 0, 0, 13),  # ldb [13]          A = TCP flags
+    (0x54, 0, 0, 0x12),  # and #0x12         A &= SYN|ACK
+    (0x15, 0, 1, 0x02),  # jeq #SYN, +0, +1  a bare SYN...
+    (0x06, 0, 0, 0),  # ret #0            ...is dropped
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1     everything else passes
+)
+_DROP_SYN_CODE: Final = ctypes.create_string_buffer(
+    b"".join(struct.pack("HBBI", *insn) for insn in _DROP_SYN_PROGRAM)
+)
+
+
+def stop_handshakes(sock: socket.socket) -> bool:
+    """Make a listening socket ignore new connection attempts (SYNs); False if unsupported.
+
+    Used at a stop, before the accept queue is emptied: handshakes already complete
+    stay in the queue and are taken; a new SYN is dropped, so its client retries and,
+    once the socket is closed, is refused (ECONNREFUSED) instead of completing a
+    connection that the close would then reset. Handshakes that were half done (the
+    SYN-ACK sent, the client's ACK not yet in) still complete: their ACK passes.
+    """
+    program = struct.pack("HP", len(_DROP_SYN_PROGRAM), ctypes.addressof(_DROP_SYN_CODE))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, program)
+    except OSError:
+        return False
+    return True
+
+
+def allow_handshakes(sock: socket.socket) -> None:
+    """Undo ``stop_handshakes`` (a socket that outlives us: systemd's, or in its fd store)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+
+
+def accept_queue_length(sock: socket.socket) -> int:
+    """Connections completed by the kernel and waiting in a listening socket's queue."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_UNACKED + 4)
+    except OSError:
+        return 0
+    if len(info) < _TCPI_UNACKED + 4:
+        return 0
+    (queued,) = struct.unpack_from("I", info, _TCPI_UNACKED)
+    return int(queued)
+
+
 def bind_socket(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
     """Bind and listen on ``address``; raise OSError with the address in the message."""
     try:
@@ -894,7 +1023,9 @@ class Acceptor:
         self._backoff_until = 0.0
         self._last_accept_error_log = 0.0
         self._suppressed_accept_errors = 0
-        self._next_watchdog = 0.0
+        #: Heartbeats the daemon asked for and the last one this loop answered.
+        self._beats_asked = 0
+        self._beats_answered = 0
         hub.listen_sockets = lambda: [lst.socket for lst in list(self.listeners.values())]
 
     @property
@@ -923,12 +1054,31 @@ class Acceptor:
         if not done.wait(timeout):
             raise TimeoutError("the serving loop did not answer")
 
-    def shutdown(self) -> None:
-        """Stop the loop; called from another thread (from the loop itself it would deadlock)."""
+    def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop the loop; called from another thread (from the loop itself it would deadlock).
+
+        False if the loop did not stop within ``timeout`` (stuck in a call): the caller
+        goes on without it.
+        """
         self._stop = True
         self.wake()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._stopped.wait()
+            return self._stopped.wait(timeout)
+        return True
+
+    def beat(self) -> bool:
+        """Whether this loop answered the previous heartbeat; asks for the next one.
+
+        The daemon's main loop calls this before each watchdog ping: the ping goes out
+        only while both loops turn. True when the loop is not running (before start,
+        after a stop): there is nothing to wait for.
+        """
+        if self._thread is None or not self._thread.is_alive() or self._stop:
+            return True
+        answered = self._beats_answered == self._beats_asked
+        self._beats_asked += 1
+        self.wake()
+        return answered
 
     # ---------------------------------------------------------------- listeners
     def add(self, listener: Listener) -> None:
@@ -986,8 +1136,6 @@ class Acceptor:
 
     def _timeout(self, now: float) -> float | None:
         deadlines = []
-        if self.hub.watchdog_interval:
-            deadlines.append(self._next_watchdog - now)
         if self._backoff_until > now:
             deadlines.append(self._backoff_until - now)
         if not self._registered and self.hub.at_capacity():
@@ -1016,6 +1164,7 @@ class Acceptor:
         with contextlib.suppress(BlockingIOError, OSError):
             while self._wake_r.recv(4096):
                 pass
+        self._beats_answered = self._beats_asked
         with self._lock:
             commands, self._commands = self._commands, []
         for fn, done in commands:
@@ -1027,11 +1176,7 @@ class Acceptor:
                 done.set()
 
     def service_actions(self) -> None:
-        """Once per loop turn: feed the watchdog, re-check limits and back-off."""
-        now = time.monotonic()
-        if self.hub.watchdog is not None and now >= self._next_watchdog:
-            self.hub.watchdog()
-            self._next_watchdog = now + (self.hub.watchdog_interval or 1.0)
+        """Once per loop turn: re-check limits and back-off."""
         self._sync_registration()
 
     def _accept(self, listener: Listener) -> None:

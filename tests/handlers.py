@@ -230,3 +230,100 @@ class WhoAmI(socketserver.BaseRequestHandler):
         }
         self.request.sendall(json.dumps(reply).encode() + b"\n")
         self.request.recv(1)
+
+
+# --- lifecycle hardening (issue 9) ---------------------------------------------------------
+
+
+def _wait_for_file(path: str, limit: float = 60.0) -> bool:
+    """Poll for ``path`` up to ``limit`` s (bounded: a test that forgets it cannot hang)."""
+    import os
+
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # sleep-ok: a test handler waiting for the test's signal file
+    return True
+
+
+class CutIgnorer(SockdHandler):
+    """Ignores the drain and the cut: keeps reading, swallowing every error, sleeping."""
+
+    def handle(self) -> None:
+        import contextlib
+
+        self.log.info("test.blocked")
+        while True:
+            with contextlib.suppress(BaseException):  # ignoring everything is the point
+                self.request.recv(4096)
+            time.sleep(0.05)  # sleep-ok: a handler that never ends on its own
+
+
+class MakesDir(SockdHandler):
+    """check_options creates the directory named by ``make_dir``: a path that was a free
+    file name when ``logging.output`` was validated is a directory when it is opened."""
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> list[str]:
+        import os
+
+        if isinstance(options.get("make_dir"), str):
+            os.makedirs(options["make_dir"], exist_ok=True)
+        return []
+
+    def handle(self) -> None:
+        self.request.sendall(self.request.recv(100))
+
+
+class SlowCheck(SockdHandler):
+    """check_options touches ``started`` then blocks until ``release`` exists (bounded);
+    echoes. Without those options it returns at once (the start-up load)."""
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> list[str]:
+        started, release = options.get("started"), options.get("release")
+        if isinstance(started, str) and isinstance(release, str):
+            with open(started, "w"):
+                pass
+            _wait_for_file(release)
+        return []
+
+    def handle(self) -> None:
+        while data := self.request.recv(4096):
+            self.request.sendall(data)
+
+
+class LockHog(SockdHandler):
+    """Holds the daemon's connection registry lock until the file ``release`` exists:
+    in-process user code wedging the main loop (its housekeeping needs that lock)."""
+
+    def handle(self) -> None:
+        lock = self.server.hub.registry.lock  # type: ignore[attr-defined]
+        with lock:
+            self.log.info("test.blocked")
+            _wait_for_file(str(self.options["release"]), 30.0)
+        self.request.sendall(b"released\n")
+
+
+class Trickle(SockdHandler):
+    """Streams ``chunk`` bytes every ``every`` s for ``seconds`` s, then "end"; reads nothing."""
+
+    def handle(self) -> None:
+        every = float(self.options.get("every", 0.1))
+        chunk = b"." * int(self.options.get("chunk", 100))
+        end = time.monotonic() + float(self.options.get("seconds", 1.5))
+        while time.monotonic() < end:
+            self.request.sendall(chunk)
+            time.sleep(every)  # sleep-ok: a slow but steady download
+        self.request.sendall(b"end\n")
+
+
+class Exits(SockdHandler):
+    """Raises SystemExit (or KeyboardInterrupt with ``interrupt`` in the request)."""
+
+    def handle(self) -> None:
+        data = self.request.recv(100)
+        if b"interrupt" in data:
+            raise KeyboardInterrupt("handler interrupted on purpose")
+        raise SystemExit("handler exited on purpose")
