@@ -5,13 +5,20 @@
 marked with ``@action`` are reachable (a table built when the class is defined, never
 ``getattr`` on a name the client sent), malformed input gets an error line and the
 connection stays usable, and an overlong line is discarded in bounded chunks instead
-of being read into memory.
+of being read into memory. Between requests it also waits for the drain: when a
+graceful stop begins, an idle connection is closed at once instead of holding the stop
+to ``shutdown_timeout`` (a request already begun is finished and answered first).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import select
 import socket
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, TypeVar, overload
 
@@ -65,6 +72,97 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class _DrainWakers:
+    """Per process: for each drain flag, a pipe that turns readable once the flag is set.
+
+    A handler blocked waiting for the next request polls its socket and this pipe, so a
+    drain wakes it at once, with no timeout ticking while it is idle. One watcher
+    thread per flag and process (normally one: the daemon's), started the first time a
+    handler has to wait; it blocks on the flag and writes one byte, never read, so the
+    pipe stays readable for every handler from then on. A forked child (forking mode)
+    starts its own: threads do not survive ``fork``, and the child's flag is set by its
+    own SIGTERM handler.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: dict[int, tuple[threading.Event, int, int]] = {}
+
+    def fd_for(self, flag: threading.Event) -> int:
+        with self._lock:
+            entry = self._fds.get(id(flag))
+            if entry is not None and entry[0] is flag:
+                return entry[1]
+            read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+            def watch() -> None:
+                flag.wait()
+                os.write(write_fd, b"!")
+
+            threading.Thread(target=watch, name="sockd-drain-waker", daemon=True).start()
+            self._fds[id(flag)] = (flag, read_fd, write_fd)
+            return read_fd
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's watchers (their threads are gone) and close their pipes."""
+        self._lock = threading.Lock()
+        fds, self._fds = self._fds, {}
+        for _, read_fd, write_fd in fds.values():
+            for fd in (read_fd, write_fd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+_WAKERS: Final = _DrainWakers()
+os.register_at_fork(after_in_child=_WAKERS.after_fork_in_child)
+
+
+class _RequestStream(io.RawIOBase):
+    """The raw stream under ``JSONActionHandler.rfile``: ``recv`` on the connection.
+
+    While ``between_requests`` is set (the handler is at a request boundary with nothing
+    buffered), a read first waits in ``poll`` for the socket or the drain flag,
+    whichever comes first, and reads as end-of-stream if the drain came first. The cost
+    is that one ``poll`` system call per request whose first byte is not buffered yet,
+    on a path where the handler would sleep in ``recv`` anyway (CPU per ping-pong
+    request measured the same as before within noise, ~30 us here); requests already
+    buffered (pipelined) never reach it. No timer ticks while a connection is idle.
+    """
+
+    def __init__(self, sock: socket.socket, draining: threading.Event) -> None:
+        super().__init__()
+        self._sock = sock
+        self._draining = draining
+        self._poller: Any = None
+        self.between_requests = False
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def readinto(self, buffer: Any) -> int:
+        if self.between_requests:
+            if self._draining.is_set():
+                return 0
+            if not self._wait_for_request():
+                return 0
+        return self._sock.recv_into(buffer)
+
+    def _wait_for_request(self) -> bool:
+        """True once the socket is readable; False if the drain began first."""
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self._sock.fileno(), select.POLLIN)
+            self._poller.register(_WAKERS.fd_for(self._draining), select.POLLIN)
+        timeout = self._sock.gettimeout()
+        ready = self._poller.poll(None if timeout is None else timeout * 1000)
+        if not ready:
+            raise TimeoutError("timed out")
+        return not self._draining.is_set()
+
+
 class ActionError(Exception):
     """Raise from an action to answer the client with an error (no traceback logged)."""
 
@@ -83,12 +181,18 @@ class JSONActionHandler(SockdHandler):
     ``bad_request``, ``unknown_action``, ``line_too_long``, ``internal`` or whatever an
     action raises with ``ActionError``. ``handler_options.max_line_bytes`` (default
     65536) bounds a request line.
+
+    When a graceful stop begins (``self.draining``), a connection waiting for its next
+    request is closed at once; a request already begun (any byte of it received) is
+    read, answered, and then the connection closes. ``self.rfile`` is a buffered reader
+    over the connection; read request payloads from it, not from ``self.request``.
     """
 
     actions: ClassVar[dict[str, str]] = {}
     max_line_bytes: ClassVar[int] = 65536
     rfile: Any
     line_limit: int
+    _sockd_stream: _RequestStream
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> list[str]:
@@ -108,7 +212,8 @@ class JSONActionHandler(SockdHandler):
         cls.actions = table
 
     def setup(self) -> None:
-        self.rfile = self.request.makefile("rb")
+        self._sockd_stream = _RequestStream(self.request, self.draining)
+        self.rfile = io.BufferedReader(self._sockd_stream)
         limit = self.options.get("max_line_bytes", self.max_line_bytes)
         self.line_limit = limit if isinstance(limit, int) and limit > 0 else self.max_line_bytes
 
@@ -117,6 +222,8 @@ class JSONActionHandler(SockdHandler):
 
     def handle(self) -> None:
         while not self.draining.is_set():
+            if not self._next_request():
+                return
             line = self.rfile.readline(self.line_limit + 1)
             if not line:
                 return
@@ -130,6 +237,18 @@ class JSONActionHandler(SockdHandler):
             if not line.strip():
                 continue
             self.dispatch_line(line)
+
+    def _next_request(self) -> bool:
+        """Wait for the first byte of the next request; False at end-of-stream or drain.
+
+        ``peek`` returns buffered bytes (a pipelined request) without touching the
+        socket; only with nothing buffered does the stream wait, drain-aware.
+        """
+        self._sockd_stream.between_requests = True
+        try:
+            return bool(self.rfile.peek(1))
+        finally:
+            self._sockd_stream.between_requests = False
 
     def _discard_rest_of_line(self) -> bool:
         """Skip to the next newline in bounded chunks; False if the peer closed first."""

@@ -3,17 +3,30 @@ graceful stop that an idle JSON client can no longer hold to its deadline."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sockctl.client import ControlClient, DaemonError
-from tests.conftest import REPO, base_config, render_config, require_reachable_by_others
+from tests.conftest import (
+    DEADLINE,
+    REPO,
+    base_config,
+    children_of,
+    connect,
+    recv_line,
+    render_config,
+    require_reachable_by_others,
+)
 
 
 def check_config(
@@ -131,3 +144,62 @@ def test_reload_to_a_directory_log_output_is_rejected(sockd_factory: Any, short_
     assert info.value.exit_code == 78
     assert [e.split(":", 1)[0] for e in info.value.errors] == ["logging.output"]
     assert ctl.status()["last_reload"]["result"] == "rejected"
+
+
+# --------------------------------------------------------------------------- drain
+
+
+def wait_quiet(*pids: int) -> None:
+    """Wait until every thread of ``pids`` sleeps (blocked in the kernel), twice in a row:
+    the handlers have read what was sent and wait for their clients. Polled: no event."""
+    deadline = time.monotonic() + DEADLINE
+    quiet_rounds = 0
+    while quiet_rounds < 2:
+        states = []
+        for pid in pids:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    text = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+                    states.append(text.rsplit(")", 1)[1].split()[0])
+        quiet_rounds = quiet_rounds + 1 if all(s in "SI" for s in states) else 0
+        assert time.monotonic() < deadline, f"sockd never went quiet: {states}"
+        time.sleep(0.01)  # sleep-ok: polling kernel state that has no event
+
+
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+@pytest.mark.parametrize(
+    "handler", ["tests.handlers:Calculator", "examples.fileserver.server:FileServerHandler"]
+)
+def test_idle_json_client_does_not_hold_a_graceful_stop(
+    sockd_factory: Any, short_tmp: Path, mode: str, handler: str
+) -> None:
+    """SIGTERM with shutdown_timeout=10: an idle JSON client is closed at once, one mid-line
+    is answered first, and sockd exits in well under 2 s with nothing cut."""
+    files = short_tmp / "files"
+    files.mkdir()
+    config = base_config(short_tmp, mode=mode, handler=handler, shutdown_timeout=10)
+    config["server.handler_options"] = {"root": str(files)}
+    proc = sockd_factory(config)
+    (address,) = proc.wait_ready()
+    idle = connect(address)
+    idle.sendall(b'{"action": "list", "id": 1}\n')
+    assert json.loads(recv_line(idle))["id"] == 1
+    halfway = connect(address)
+    halfway.sendall(b'{"action": "li')
+    proc.wait_count("conn.open", 2)  # both handlers run (both children exist)
+    wait_quiet(proc.pid, *children_of(proc.pid))
+    began = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    idle.settimeout(3)  # before the fix it waited for the 10 s deadline's cut
+    assert idle.recv(100) == b"", "the idle client was not closed"
+    proc.wait_for("server.stopping")
+    halfway.sendall(b'st", "id": 2}\n')
+    assert json.loads(recv_line(halfway))["id"] == 2  # begun before the drain: answered
+    assert halfway.recv(100) == b""  # ...and then closed
+    assert proc.wait_exit(timeout=5) == 0
+    elapsed = time.monotonic() - began
+    stopped = proc.wait_for("server.stopped")
+    assert (stopped["finished"], stopped["cut"]) == (2, 0), stopped
+    assert elapsed < 2.0, f"the stop took {elapsed:.1f} s"
+    idle.close()
+    halfway.close()

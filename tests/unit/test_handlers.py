@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import platform
 import socket
+import termios
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -190,3 +194,109 @@ def test_echo_handler_echoes_until_close() -> None:
     thread.join(10)
     assert not thread.is_alive()
     client.close()
+
+
+# --------------------------------------------------------------------------- drain
+
+
+#: The futex system call's number, as /proc/<tid>/syscall shows it.
+FUTEX = {"x86_64": "202", "aarch64": "98", "i686": "240", "armv7l": "240"}.get(
+    platform.machine(), "unknown"
+)
+
+
+class Drained:
+    """A ``Child`` handler on a socketpair with its own drain flag, as sockd sets it."""
+
+    def __init__(self) -> None:
+        self.draining = threading.Event()
+        self.client, self.server = socket.socketpair()
+        self.client.settimeout(10)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        handler = Child.__new__(Child)
+        handler.options = {}
+        handler.draining = self.draining
+        Child.__init__(handler, self.server, ("test", 0), None)
+        self.server.close()
+
+    def unread(self) -> int:
+        """Bytes sent to the handler that it has not read from its socket yet."""
+        return int.from_bytes(fcntl.ioctl(self.server, termios.FIONREAD, b"\0" * 4), "little")
+
+    def wait_blocked_on_input(self) -> None:
+        """Wait until the handler read everything sent and sleeps in an I/O system call
+        (not a lock): it is waiting for the client. Polled: the kernel has no event."""
+        task = f"/proc/self/task/{self.thread.native_id}"
+        deadline = time.monotonic() + 10
+        while True:
+            with open(f"{task}/stat") as stat, open(f"{task}/syscall") as syscall:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+                number = syscall.read().split()[0]
+            if not self.unread() and state == "S" and number not in (FUTEX, "running"):
+                return  # futex: a thread waiting for the GIL or a lock, not for input
+            assert time.monotonic() < deadline, "the handler never blocked on its socket"
+            time.sleep(0.001)  # sleep-ok: polling kernel state that has no event
+
+    def close(self) -> None:
+        self.client.close()
+        self.thread.join(10)
+
+
+def test_idle_connection_closes_when_the_drain_begins() -> None:
+    """A client idle between requests gets end-of-stream as soon as the drain flag is set."""
+    conn = Drained()
+    try:
+        assert ask(conn.client, b'{"action": "ping"}')["result"] == "pong"
+        conn.wait_blocked_on_input()
+        began = time.monotonic()
+        conn.draining.set()
+        assert conn.client.recv(100) == b""
+        conn.thread.join(10)
+        assert not conn.thread.is_alive()
+        assert time.monotonic() - began < 1.0
+    finally:
+        conn.close()
+
+
+def test_connection_that_never_sent_closes_when_the_drain_begins() -> None:
+    """A client that connected and sent nothing is closed at the drain too."""
+    conn = Drained()
+    try:
+        conn.wait_blocked_on_input()
+        conn.draining.set()
+        assert conn.client.recv(100) == b""
+        conn.thread.join(10)
+        assert not conn.thread.is_alive()
+    finally:
+        conn.close()
+
+
+def test_request_begun_before_the_drain_is_answered_then_closed() -> None:
+    """Half a request line read before the drain: its end still gets the reply, then EOF."""
+    conn = Drained()
+    try:
+        conn.client.sendall(b'{"action": "pi')
+        conn.wait_blocked_on_input()  # the handler holds half a line, waiting for the rest
+        conn.draining.set()
+        assert ask(conn.client, b'ng", "id": 7}') == {"ok": True, "result": "pong", "id": 7}
+        assert conn.client.recv(100) == b""
+    finally:
+        conn.close()
+
+
+def test_pipelined_requests_are_all_answered_without_a_drain() -> None:
+    """Several requests in one segment are answered in order (buffered lines need no wait)."""
+    conn = Drained()
+    try:
+        conn.client.sendall(b'{"action": "ping", "id": 1}\n\n{"action": "ping", "id": 2}\n')
+        reader = conn.client.makefile("rb")
+        assert [json.loads(reader.readline())["id"] for _ in range(2)] == [1, 2]
+        reader.close()
+        conn.client.shutdown(socket.SHUT_WR)
+        conn.thread.join(10)
+        assert not conn.thread.is_alive()
+    finally:
+        conn.close()
