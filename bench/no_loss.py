@@ -5,11 +5,14 @@ closes at a request boundary once a drain begins), half on fresh connections, ha
 persistent ones, while sockd is reloaded with SIGHUP every ``--reload-every`` seconds
 and finally stopped with SIGTERM. Every request must end one of two ways:
 - completed: the exact reply arrived in full;
-- refused cleanly: the connection was refused, or closed/reset before any byte of the
+- refused cleanly: the connection was refused, or closed (EOF) before any byte of the
   reply (sockd never read it, or closed at a boundary during the drain).
-A partial or wrong reply is a loss. The script also checks the daemon's own accounting:
-the bytes sockd says it sent (sum of ``conn.close`` ``bytes_out``) must equal the bytes
-the clients received. Prints the counts; exits 1 on any loss.
+A partial or wrong reply is a loss, and so is a reset after the request was sent: the
+client cannot tell whether its request ran (a connection accepted by the kernel and
+reset when the listening socket closed at the stop looked exactly like that). The
+script also checks the daemon's own accounting: the bytes sockd says it sent (sum of
+``conn.close`` ``bytes_out``) must equal the bytes the clients received. Prints the
+counts; exits 1 on any loss.
 
     .venv/bin/python bench/no_loss.py [--mode threading|forking] [--seconds 10] [--clients 16]
 
@@ -39,6 +42,7 @@ class Tally:
     completed: int = 0
     completed_fresh: int = 0  # on a connection made for this one request
     refused_clean: int = 0
+    reset_after_request: int = 0
     half: int = 0
     wrong: int = 0
     received_bytes: int = 0
@@ -68,13 +72,17 @@ def _client(
                 break
             continue
         got = b""
+        sent = reset = False
         try:
             sock.sendall(payload)
+            sent = True
             while len(got) < len(payload):
                 chunk = sock.recv(len(payload) - len(got))
                 if not chunk:
                     break
                 got += chunk
+        except ConnectionResetError:
+            reset = sent
         except OSError:
             pass
         tally.add(received_bytes=len(got))
@@ -86,7 +94,11 @@ def _client(
             continue
         sock.close()
         sock = None
-        if not got:
+        if not got and reset:
+            tally.add(reset_after_request=1)
+            with tally.lock:
+                tally.problems.append(f"reset after sending {payload!r}, before any reply")
+        elif not got:
             tally.add(refused_clean=1)
         elif payload.startswith(got):
             tally.add(half=1)
@@ -155,6 +167,7 @@ def run(mode: str, seconds: float, clients: int, reload_every: float) -> dict[st
             "completed": tally.completed,
             "of_them_fresh_connections": tally.completed_fresh,
             "refused_clean": tally.refused_clean,
+            "reset_after_request": tally.reset_after_request,
             "half_replies": tally.half,
             "wrong_replies": tally.wrong,
             "client_bytes_received": tally.received_bytes,
@@ -170,6 +183,7 @@ def lost(result: dict[str, object]) -> bool:
     return bool(
         result["half_replies"]
         or result["wrong_replies"]
+        or result["reset_after_request"]
         or result["exit_status"] != 0
         or result["client_bytes_received"] != result["server_bytes_sent"]
         or result["drain_cut"]
