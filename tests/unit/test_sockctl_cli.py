@@ -1070,3 +1070,72 @@ def test_client_raises_typed_errors_without_printing(sockdir: str, capsys: Any) 
         ControlClient(os.path.join(sockdir, "x.sock")).status()
     assert info.value.exit_code == 3
     assert capsys.readouterr() == ("", "")
+
+
+# --- issue 9: bounded numbers, dropped events, untrusted daemons ----------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("stop", "--timeout", "1e303"), "--timeout must be a number of seconds from 0 to 86400"),
+        (("stop", "--timeout", "inf"), "--timeout must be a number of seconds from 0 to 86400"),
+        (("stop", "--timeout", "nan"), "--timeout must be a number of seconds from 0 to 86400"),
+        (("stop", "--timeout", "-0.1"), "--timeout must be a number of seconds from 0 to 86400"),
+        (("--timeout", "1e303", "status"), "--timeout must be a number of seconds above 0"),
+        (("--timeout", "0", "status"), "--timeout must be a number of seconds above 0"),
+        (("logs", "-n", "100001"), "--lines must be an integer from 0 to 100000"),
+        (("logs", "-n", "-1"), "--lines must be an integer from 0 to 100000"),
+        (("kick", "9223372036854775808"), "an integer up to 9223372036854775807"),
+    ],
+)
+def test_numbers_out_of_range_are_one_line_usage_errors(
+    daemon: FakeServer, args: tuple[str, ...], named: str
+) -> None:
+    """A number the daemon would refuse exits 2 with one `sockctl:` line; nothing is sent."""
+    result = ask(daemon, *args)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("sockctl: ") and result.stderr.count("\n") == 1
+    assert named in result.stderr
+    assert daemon.seen == []
+
+
+def test_stop_timeout_of_exactly_a_day_is_sent(daemon: FakeServer) -> None:
+    """The top of the range (86400 s) is a valid stop timeout."""
+    answer = {"state": "draining", "timeout": 86400.0, "active": 0}
+    daemon.set("POST", "/v1/stop", Canned(202, answer))
+    assert ask(daemon, "stop", "--timeout", "86400").exit_code == 0
+    assert daemon.seen[-1].json() == {"timeout": 86400.0}
+
+
+DROPPED = {
+    "timestamp": "2026-11-27T10:00:03.100000Z",
+    "level": "warning",
+    "event": "logs.dropped",
+    "missed": 1500,
+}
+
+
+def test_logs_follow_shows_where_events_were_dropped(daemon: FakeServer) -> None:
+    """A logs.dropped line in the stream is one notice line between the events around it;
+    --json passes it through unchanged."""
+    daemon.set("GET", "/v1/logs", _stream([EVENTS[0], DROPPED, EVENTS[1]]))
+    result = ask(daemon, "logs", "-f")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert lines[1].endswith(
+        "-- 1,500 log events missed here: this stream fell behind sockd's log --"
+    )
+    as_json = ask(daemon, "logs", "-f", "--json")
+    assert json.loads(as_json.stdout.splitlines()[1]) == DROPPED
+
+
+def test_state_changes_say_their_body_is_empty(daemon: FakeServer) -> None:
+    """A POST or DELETE without a body carries Content-Length: 0, so the daemon need not
+    wait to see whether a body follows."""
+    daemon.set("POST", "/v1/pause", Canned(body={"state": "paused"}))
+    daemon.set("DELETE", "/v1/connections/17", Canned(body={"closed": 17}))
+    assert ask(daemon, "pause").exit_code == 0
+    assert ask(daemon, "kick", "17").exit_code == 0
+    assert [s.headers.get("Content-Length") for s in daemon.seen] == ["0", "0"]
