@@ -54,7 +54,6 @@ from sockd.server import (
     Listener,
     Registry,
     accept_queue_length,
-    allow_handshakes,
     bind_socket,
     close_gently,
     finish_child,
@@ -832,12 +831,18 @@ class Daemon:
         from then on is refused (ECONNREFUSED), never reset after its connect succeeded.
 
         Left open to a race: a handshake whose last ACK is more than ``BACKLOG_SETTLE``
-        late. A socket that outlives us (systemd's, or in its fd store) gets its
-        filter removed before we let go of it; connections that arrive in that
-        instant stay queued for the next instance.
+        late. A socket that outlives us (inherited from systemd, or kept in its fd store
+        when sockd runs under systemd) is not filtered: what queues on it after our last
+        accept waits for the next instance (a restart refuses nothing), and a client
+        must not wait out a SYN retransmission for it.
         """
         listeners = list(self.acceptor.listeners.values())
-        filtered = [lst for lst in listeners if stop_handshakes(lst.socket)]
+        shared = self.notifier.enabled
+        filtered = [
+            lst
+            for lst in listeners
+            if not (shared or lst.inherited) and stop_handshakes(lst.socket)
+        ]
         backlog: collections.deque[tuple[Listener, Any, Any]] = collections.deque()
         for listener in listeners:
             self._accept_queued(listener, backlog)
@@ -847,17 +852,14 @@ class Daemon:
                     sel.register(listener.socket, selectors.EVENT_READ, listener)
                 for key, _ in sel.select(BACKLOG_SETTLE):
                     self._accept_queued(key.data, backlog)
-        shared = self.notifier.enabled
         for listener in listeners:
-            if listener in filtered and (shared or listener.inherited):
-                allow_handshakes(listener.socket)
             left = accept_queue_length(listener.socket)
-            if left and not (shared or listener.inherited):
+            if left and listener in filtered:
                 self.log.error(
                     "server.error",
                     where="drain",
                     error=f"{left} connection(s) in the backlog of {listener.label} could "
-                    "not be accepted and are reset",
+                    "not be accepted (out of descriptors?) and are reset",
                 )
             listener.socket.close()  # new connections are refused from here on
         return backlog

@@ -914,7 +914,6 @@ def close_gently(sock: socket.socket) -> None:
 # connection attempts) and passes everything else. For a TCP socket the kernel runs it
 # with the packet's data at the TCP header, so byte 13 holds the flags.
 _SO_ATTACH_FILTER: Final = 26
-_SO_DETACH_FILTER: Final = 27
 _DROP_SYN_PROGRAM: Final = (
     (0x30, 0, 0, 13),  # ldb [13]          A = TCP flags
     (0x54, 0, 0, 0x12),  # and #0x12         A &= SYN|ACK
@@ -934,7 +933,8 @@ def stop_handshakes(sock: socket.socket) -> bool:
     stay in the queue and are taken; a new SYN is dropped, so its client retries and,
     once the socket is closed, is refused (ECONNREFUSED) instead of completing a
     connection that the close would then reset. Handshakes that were half done (the
-    SYN-ACK sent, the client's ACK not yet in) still complete: their ACK passes.
+    SYN-ACK sent, the client's ACK not yet in) still complete: their ACK passes. The
+    filter stays until the socket is closed: only for a socket no other process holds.
     """
     program = struct.pack("HP", len(_DROP_SYN_PROGRAM), ctypes.addressof(_DROP_SYN_CODE))
     try:
@@ -942,12 +942,6 @@ def stop_handshakes(sock: socket.socket) -> bool:
     except OSError:
         return False
     return True
-
-
-def allow_handshakes(sock: socket.socket) -> None:
-    """Undo ``stop_handshakes`` (a socket that outlives us: systemd's, or in its fd store)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
 
 
 def accept_queue_length(sock: socket.socket) -> int:

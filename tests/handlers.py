@@ -278,15 +278,27 @@ class MakesDir(SockdHandler):
 
 class SlowCheck(SockdHandler):
     """check_options touches ``started`` then blocks until ``release`` exists (bounded);
-    echoes. Without those options it returns at once (the start-up load)."""
+    echoes. Without those options it returns at once (the start-up load).
+
+    ``validation_timeout`` (read at start-up, before the daemon is built) shortens the
+    daemon's reload validation deadline, so a test can reach it in a second.
+    """
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> list[str]:
+        timeout = options.get("validation_timeout")
+        if isinstance(timeout, int | float):
+            import sockd.daemon
+
+            sockd.daemon.VALIDATION_TIMEOUT = float(timeout)  # type: ignore[misc]
         started, release = options.get("started"), options.get("release")
         if isinstance(started, str) and isinstance(release, str):
+            import os
+
             with open(started, "w"):
                 pass
             _wait_for_file(release)
+            os.unlink(started)  # tells the test this check has returned
         return []
 
     def handle(self) -> None:

@@ -247,7 +247,7 @@ def test_reload_to_a_fifo_without_reader_is_rejected_not_wedged(
 # --------------------------------------------------------------------------- 8. wedged reload
 
 
-def _slow_check_config(tmp: Path, **options: str) -> dict[str, dict[str, Any]]:
+def _slow_check_config(tmp: Path, **options: str | float) -> dict[str, dict[str, Any]]:
     return base_config(tmp, handler="tests.handlers:SlowCheck", handler_options=options)
 
 
@@ -311,6 +311,39 @@ def test_reload_completes_when_validation_returns(sockd_factory: Any, short_tmp:
     assert "server.handler_options" in applied["changes"]
     assert ctl.status()["state"] == "running"
     assert ctl.status()["generation"] == 2
+
+
+def test_validation_past_its_deadline_is_rejected(sockd_factory: Any, short_tmp: Path) -> None:
+    """A check_options that never returns: the reload is rejected at the deadline (exit 78,
+    a clear error), its thread left behind; the next reload works, and the late thread's
+    result, when it comes, changes nothing."""
+    proc = sockd_factory(_slow_check_config(short_tmp, validation_timeout=1))
+    (address,) = proc.wait_ready()
+    started, release = short_tmp / "started", short_tmp / "release"
+    hung = _slow_check_config(short_tmp, started=str(started), release=str(release))
+    hung["server"]["max_connections"] = 7
+    write_config(proc, hung)
+    began = time.monotonic()
+    result = sockctl(short_tmp, "reload")
+    assert result.returncode == 78, (result.stdout, result.stderr)
+    assert "handler validation did not finish within 1 s" in result.stderr
+    assert time.monotonic() - began < 5
+    ctl = client_for(short_tmp)
+    assert ctl.status()["state"] == "running"
+    write_config(proc, _slow_check_config(short_tmp, tag="next"))
+    assert ctl.reload()["result"] == "applied"
+    assert ctl.status()["generation"] == 2
+    mark = proc.mark()
+    release.touch()  # the abandoned validation returns now; its result is dropped
+    wait_until(lambda: not started.exists(), "the abandoned check_options to return")
+    # A dry run is answered by the main loop after it has seen the late result.
+    assert ctl.reload(dry_run=True)["result"] == "valid"
+    with connect(address) as sock:
+        sock.sendall(b"after\n")
+        assert recv_line(sock) == b"after\n"
+    assert ctl.status()["generation"] == 2
+    assert ctl.config()["config"]["server"]["max_connections"] == 0
+    assert not [e for e in proc.events[mark:] if e.get("event", "").startswith("reload.")]
 
 
 def test_watchdog_stops_when_the_main_loop_is_wedged(
