@@ -222,7 +222,8 @@ def _iso(ts: float) -> str:
 
 
 #: Why a connection was closed before its handler ran (``conn.refused``, metrics).
-#: ``threads``: the process could not start a thread for it (its thread limit).
+#: ``threads``: no thread (or, forking, no child) could be started for it: the task
+#: limit (RLIMIT_NPROC, a cgroup's pids.max) or memory.
 REFUSAL_REASONS: Final = ("denied", "max_connections", "max_per_ip", "rate_per_ip", "threads")
 #: Which limit paused accepting (``server.throttled``, metrics).
 THROTTLE_REASONS: Final = ("max_connections", "max_children", "fd_limit")
@@ -802,7 +803,14 @@ class ForkingListener(ListenerMixin, socketserver.ForkingTCPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         conn: Connection = request.sockd_conn
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            # EAGAIN/ENOMEM: the task limit (RLIMIT_NPROC, pids.max) that also stops
+            # threads; a refusal counted like threading mode's, no traceback per peer.
+            self.hub.registry.unadmit(conn, "threads")
+            close_gently(request)
+            return
         if pid:
             conn.pid = pid
             with self.hub.registry.lock:

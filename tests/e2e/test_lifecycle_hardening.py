@@ -292,12 +292,16 @@ def test_sigterm_during_a_hung_validation_stops_promptly(
 
 
 def test_reload_completes_when_validation_returns(sockd_factory: Any, short_tmp: Path) -> None:
-    """A slow check_options holds the reload, not the daemon: a dry run queued behind it and
-    the reload itself answer once it returns."""
-    proc = sockd_factory(_slow_check_config(short_tmp))
+    """A slow check_options holds the reload, not the daemon: children are reaped meanwhile,
+    and the reload applies once it returns."""
+    config = _slow_check_config(short_tmp)
+    config["server"]["mode"] = "forking"
+    proc = sockd_factory(config)
     (address,) = proc.wait_ready()
     started, release = short_tmp / "started", short_tmp / "release"
-    write_config(proc, _slow_check_config(short_tmp, started=str(started), release=str(release)))
+    hung = _slow_check_config(short_tmp, started=str(started), release=str(release))
+    hung["server"]["mode"] = "forking"
+    write_config(proc, hung)
     mark = proc.mark()
     proc.signal(signal.SIGHUP)
     wait_until(started.exists, "check_options to start")
@@ -306,6 +310,8 @@ def test_reload_completes_when_validation_returns(sockd_factory: Any, short_tmp:
     with connect(address) as sock:  # still serving with the old config
         sock.sendall(b"ping\n")
         assert recv_line(sock) == b"ping\n"
+    # Forked children are reaped by the main loop: its conn.close shows it was.
+    assert proc.wait_for("conn.close", start=mark)["ended"] == "closed"
     release.touch()
     applied = proc.wait_for("reload.applied", start=mark)
     assert "server.handler_options" in applied["changes"]
@@ -377,6 +383,35 @@ def test_watchdog_stops_when_the_main_loop_is_wedged(
     sock.close()
     proc.signal(signal.SIGTERM)
     assert proc.wait_exit() == 0
+
+
+def test_watchdog_stops_when_the_serving_loop_is_wedged(
+    sockd_factory: Any, short_tmp: Path, notify: NotifyListener
+) -> None:
+    """The main loop pings only while the serving loop answers its heartbeat: with the
+    accept loop stuck (on the lock a handler holds) the pings stop."""
+    release = short_tmp / "release"
+    config = base_config(
+        short_tmp, handler="tests.handlers:LockHog", handler_options={"release": str(release)}
+    )
+    proc = sockd_factory(config, env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"})
+    (address,) = proc.wait_ready()
+    notify.wait_pings(3, time.monotonic())
+    holder = connect(address)
+    proc.wait_for("test.blocked")
+    # No housekeeping needs the lock (no idle timeout): the main loop runs on, but the
+    # next accept blocks the serving loop on it.
+    notify.wait_pings(2, time.monotonic())
+    waiting = connect(address)
+    deadline = time.monotonic() + 5
+    while time.monotonic() - max(notify.pings(), default=0.0) < 1.0:
+        assert time.monotonic() < deadline, "pings went on with the serving loop wedged"
+        time.sleep(0.05)  # sleep-ok: observing the absence of pings
+    release.touch()
+    assert recv_line(holder) == b"released\n"
+    notify.wait_pings(1, time.monotonic())
+    for sock in (holder, waiting):
+        sock.close()
 
 
 # --------------------------------------------------------------------------- 7. backlog at stop
@@ -631,9 +666,10 @@ def _threads(pid: int) -> int:
     raise AssertionError("no Threads: line")
 
 
-def test_thread_limit_refusals_are_counted_not_tracebacks(short_tmp: Path) -> None:
-    """At the process's thread limit (RLIMIT_NPROC for its uid) a connection is closed and
-    counted as refused (reason="threads"), with no traceback per connection."""
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+def test_thread_limit_refusals_are_counted_not_tracebacks(short_tmp: Path, mode: str) -> None:
+    """At the process's task limit (RLIMIT_NPROC for its uid) a connection that gets no
+    thread (or child) is closed and counted as refused (reason="threads"), no traceback."""
     if os.geteuid() != 0:
         pytest.skip("needs root: runs sockd under a uid of its own with a thread limit")
     if shutil.which("setpriv") is None:
@@ -641,7 +677,7 @@ def test_thread_limit_refusals_are_counted_not_tracebacks(short_tmp: Path) -> No
     require_reachable_by_others()
     uid = _unused_uid()
     os.chown(short_tmp, uid, uid)
-    config = base_config(short_tmp, handler="tests.handlers:Silent", max_spare_threads=0)
+    config = base_config(short_tmp, handler="tests.handlers:Silent", max_spare_threads=0, mode=mode)
     path = short_tmp / "sockd.toml"
     path.write_text(render_config(config))
     probe = UidSockd(path, uid)  # how many threads sockd runs before any connection
@@ -652,7 +688,7 @@ def test_thread_limit_refusals_are_counted_not_tracebacks(short_tmp: Path) -> No
         assert probe.wait_exit() == 0
     finally:
         probe.kill()
-    # Room for exactly two connection threads (nothing else runs as this uid).
+    # Room for exactly two connection threads or children (nothing else runs as this uid).
     proc = UidSockd(path, uid, nproc=baseline + 2)
     try:
         (address,) = proc.wait_ready()
