@@ -736,9 +736,15 @@ class Daemon:
                 retired.append(listener)
         self.acceptor.replace(listeners)
         for listener in retired:
-            # In-flight connections of a removed address keep running and drain on their own.
             self.notifier.remove_fds(fdstore_name(listener.address))
-            listener.socket.close()
+        # In-flight connections of a removed address keep running and drain on their own;
+        # those already in its queue are served too, or (at a limit) closed with a FIN.
+        if retired:
+            queued = self._take_backlog(retired, stored=False)
+            self._serve_backlog(queued)
+            for _, request, _ in queued:
+                close_gently(request)
+                self.registry.refused("max_connections")
         self._store_fds(listeners[a] for a in added)
         self.config = new
         self.generation += 1
@@ -777,7 +783,9 @@ class Daemon:
         self._abandon_reloads()
         if not self.acceptor.shutdown(ACCEPTOR_STOP_WAIT):
             self.log.error("server.error", where="drain", error="the serving loop did not stop")
-        backlog = self._take_backlog()
+        backlog = self._take_backlog(
+            list(self.acceptor.listeners.values()), stored=self.notifier.enabled
+        )
         taken = len(backlog)
         # Counted before handlers learn of the drain: one that ends at once on
         # self.draining still counts as finished, not as never having been open.
@@ -820,8 +828,10 @@ class Daemon:
         self._close_everything(deadline + EXIT_MARGIN - 0.1 - time.monotonic())
         self.state = State.STOPPED
 
-    def _take_backlog(self) -> collections.deque[tuple[Listener, Any, Any]]:
-        """Close the listening sockets without resetting what the kernel already accepted.
+    def _take_backlog(
+        self, listeners: list[Listener], stored: bool
+    ) -> collections.deque[tuple[Listener, Any, Any]]:
+        """Close listening sockets without resetting what the kernel already accepted.
 
         A connection whose handshake completed waits in the listening socket's queue
         and its client may already have sent a request; closing the socket would reset
@@ -834,14 +844,13 @@ class Daemon:
         late. A socket that outlives us (inherited from systemd, or kept in its fd store
         when sockd runs under systemd) is not filtered: what queues on it after our last
         accept waits for the next instance (a restart refuses nothing), and a client
-        must not wait out a SYN retransmission for it.
+        must not wait out a SYN retransmission for it. ``stored``: the sockets may be in
+        systemd's fd store.
         """
-        listeners = list(self.acceptor.listeners.values())
-        shared = self.notifier.enabled
         filtered = [
             lst
             for lst in listeners
-            if not (shared or lst.inherited) and stop_handshakes(lst.socket)
+            if not (stored or lst.inherited) and stop_handshakes(lst.socket)
         ]
         backlog: collections.deque[tuple[Listener, Any, Any]] = collections.deque()
         for listener in listeners:
@@ -857,7 +866,7 @@ class Daemon:
             if left and listener in filtered:
                 self.log.error(
                     "server.error",
-                    where="drain",
+                    where="listen_queue",
                     error=f"{left} connection(s) in the backlog of {listener.label} could "
                     "not be accepted (out of descriptors?) and are reset",
                 )

@@ -488,6 +488,37 @@ def test_backlog_not_served_by_the_deadline_is_closed_without_reset(
         sock.close()
 
 
+def test_reload_removing_an_address_resets_none_of_its_queue(
+    sockd_factory: Any, short_tmp: Path
+) -> None:
+    """Clients queued on an address a reload removes are served or get EOF, never a reset."""
+    config = base_config(
+        short_tmp,
+        handler="tests.handlers:SlowReply",
+        handler_options={"delay": 0.3},
+        max_connections=1,
+        listen=["127.0.0.1:0", "127.0.0.2:0"],
+    )
+    proc = sockd_factory(config)
+    _, removed = proc.wait_ready(2)
+    first = connect(removed)
+    first.sendall(b"first\n")
+    proc.wait_for("test.received")
+    queued = []
+    for i in range(3):
+        sock = connect(removed)
+        sock.sendall(f"queued-{i}\n".encode())
+        queued.append(sock)
+    config["server"]["listen"] = ["127.0.0.1:0"]
+    write_config(proc, config)
+    assert client_for(short_tmp).reload()["result"] == "applied"
+    outcomes = [read_outcome(s) for s in queued]
+    assert all(o in ("eof", f"done:queued-{i}\n") for i, o in enumerate(outcomes)), outcomes
+    assert read_outcome(first) == "done:first\n"
+    for sock in [first, *queued]:
+        sock.close()
+
+
 def test_connect_after_the_stop_began_is_refused_not_reset(
     sockd_factory: Any, short_tmp: Path
 ) -> None:
