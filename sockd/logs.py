@@ -60,7 +60,16 @@ EVENTS: Final = {
     "reload.applied": "a reload took effect: changes, generation",
     "reload.rejected": "a reload was refused; the old config stays: errors",
     "control.request": "a state-changing control request: uid, pid, method, path, status",
-    "control.denied": "a control request refused for its credentials: uid, pid, path",
+    "control.denied": (
+        "control connections or requests refused for their credentials (rate-limited: the "
+        "first at once, then one summary a second with count and uids): uid, pid, method, "
+        "path (null when refused at accept), count"
+    ),
+    "control.busy": (
+        "control connections answered 503: a role's connection or follower budget, a thread "
+        "that could not start, or the daemon stopping (rate-limited like control.denied): "
+        "reason, role, uid, pid, count; summaries: roles"
+    ),
     "control.error": "a control request failed inside sockd (bug): traceback",
     "control.listening": "the control socket accepts: path, mode, group, read_group",
     "control.closed": "the control socket was removed at stop",
