@@ -462,7 +462,10 @@ SETTINGS: tuple[Setting, ...] = (
         "server.shutdown_timeout",
         30.0,
         _seconds(0, 86400),
-        "Seconds a graceful stop waits for in-flight connections before closing them.",
+        (
+            "Seconds a graceful stop waits for in-flight connections before closing them; "
+            "sockd exits within this plus 0.5 s."
+        ),
     ),
     Setting(
         "server.max_connections",
@@ -506,7 +509,10 @@ SETTINGS: tuple[Setting, ...] = (
         "server.idle_timeout",
         0.0,
         _seconds(0, 86400),
-        "Close a connection that sends nothing for this many seconds; 0 disables.",
+        (
+            "Close a connection with no data moving either way (received or sent) for this "
+            "many seconds; 0 disables."
+        ),
     ),
     Setting(
         "server.max_connection_duration",
