@@ -983,6 +983,11 @@ class Daemon:
                 "refused": sum(counters.refused.values()),
             },
             "last_reload": self.last_reload.as_dict() if self.last_reload else None,
+            # systemd puts these in a unit's environment (NOTIFY_SOCKET for Type=notify);
+            # sockctl stop warns that stopping behind systemd's back defeats Restart=.
+            "supervisor": "systemd"
+            if os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID")
+            else None,
         }
 
     def connections(self) -> list[dict[str, Any]]:
