@@ -27,6 +27,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,7 @@ from sockd.protocol import (
     API_VERSION,
     CONTROL_SOCKET_ENV,
     DEFAULT_CONTROL_SOCKET,
+    LOG_LEVEL_ALIASES,
     LOG_LEVELS,
     LOGS_MAX_N,
     MAX_CONNECTION_ID,
@@ -60,11 +62,38 @@ MAX_ANSWER_TIMEOUT = 86400.0
 
 
 class ConfigFileError(SockctlError):
-    """A config file given to sockctl (``--config``) is invalid: exit 78."""
+    """A ``--config`` file sockctl must read for its socket path is unusable: exit 78.
 
-    def __init__(self, error: ConfigError) -> None:
-        super().__init__(f"invalid config file {error.path}", ExitCode.CONFIG)
-        self.problems = list(error.problems)
+    One line naming the file, what is wrong (for a TOML syntax error, the line and
+    column) and how to do without the file (``--socket``).
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(
+            f"{path}: {problem} (sockctl reads only control.socket from it; "
+            "--socket PATH does without it)",
+            ExitCode.CONFIG,
+        )
+        self.path = path
+        self.problem = problem
+
+
+_TOML_WHERE = re.compile(
+    r"^(?P<what>.*?) ?\((?P<where>at line \d+, column \d+|at end of document)\)$"
+)
+
+
+def _toml_problem(exc: tomllib.TOMLDecodeError) -> str:
+    """``TOML syntax error at line 4, column 10: Invalid value``, on one line.
+
+    tomllib (3.11) puts the position at the end of its message, in parentheses; it has
+    no attributes for it before Python 3.14.
+    """
+    text = " ".join(str(exc).split())
+    match = _TOML_WHERE.match(text)
+    if match is None:
+        return f"TOML syntax error: {text}"
+    return f"TOML syntax error {match['where']}: {match['what']}"
 
 
 def socket_from_config(path: str) -> str:
@@ -73,17 +102,16 @@ def socket_from_config(path: str) -> str:
     The rest of the file is not validated here: ``sockctl --config F reload`` must reach
     the daemon even when F has errors elsewhere, so the daemon itself rejects it, logs
     ``reload.rejected`` and answers with every problem. Only a file that cannot be read
-    or is not TOML at all stops sockctl (exit 78).
+    or is not TOML at all stops sockctl (exit 78), and only when the socket's path must
+    come from it: with ``--socket`` the file is never parsed.
     """
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except OSError as exc:
-        raise ConfigFileError(
-            ConfigError([f"cannot read config file: {exc.strerror}"], path)
-        ) from None
+        raise ConfigFileError(path, f"cannot read it: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigFileError(ConfigError([f"TOML syntax error: {exc}"], path)) from None
+        raise ConfigFileError(path, _toml_problem(exc)) from None
     control = data.get("control")
     value = control.get("socket") if isinstance(control, dict) else None
     if isinstance(value, str) and value:
@@ -136,8 +164,6 @@ def _error_lines(exc: SockctlError) -> list[str]:
             config=exc.code == ErrorCode.INVALID_CONFIG,
             dry_run=exc.details.get("dry_run") is True,
         )
-    if isinstance(exc, ConfigFileError):
-        return render.error_lines(exc.message, exc.problems)
     return render.error_lines(exc.message)
 
 
@@ -230,8 +256,55 @@ class ConnectionId(click.ParamType):  # type: ignore[type-arg]  # generic only i
         return int(text)
 
 
+class LogLevel(click.ParamType):  # type: ignore[type-arg]  # generic only in newer click
+    """A log level, any case, or an alias (``warn``); converted to its canonical name."""
+
+    name = "LEVEL"
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str:
+        # (param) in click 8.1, (param, ctx) in 8.2: the choices either way
+        return "{" + "|".join(LOG_LEVELS) + "}"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        level = LOG_LEVEL_ALIASES.get(text, text)
+        if level not in LOG_LEVELS:
+            what = param.name if isinstance(param, click.Argument) else _option_name(param)
+            raise UsageProblem(
+                f"{what or 'level'} must be one of {', '.join(LOG_LEVELS)} (or warn), "
+                f"got {str(value)[:40]!r}",
+                ctx,
+            )
+        return level
+
+
+def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """``COMMAND --json``: the same switch as ``sockctl --json COMMAND``."""
+    if value:
+        ctx.ensure_object(Settings).json = True
+
+
+def _json_option() -> click.Option:
+    return click.Option(
+        ["--json"],
+        is_flag=True,
+        expose_value=False,
+        callback=_set_json,
+        help="Print the raw JSON answer instead of a view (as sockctl --json).",
+    )
+
+
 class SockctlGroup(click.Group):
-    """The command group; its ``invoke`` is where exceptions become exit statuses."""
+    """The command group; its ``invoke`` is where exceptions become exit statuses.
+
+    Every command also takes ``--json`` after its name (``sockctl status --json``),
+    added here so no command can miss it.
+    """
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any("--json" in param.opts for param in cmd.params):
+            cmd.params.append(_json_option())
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -472,8 +545,15 @@ def reload(settings: Settings, dry_run: bool) -> None:
 @click.option("--wait", is_flag=True, help="Return only once the daemon has exited.")
 @pass_settings
 def stop(settings: Settings, drain_timeout: float | None, wait: bool) -> None:
-    """Stop gracefully, letting open connections finish."""
+    """Stop gracefully, letting open connections finish.
+
+    A daemon systemd started is stopped too, with a warning: systemd sees a clean exit
+    and Restart= will not bring it back; `systemctl stop` is the way there.
+    """
     client = settings.client()
+    warning = render.supervisor_warning(client.status(), os.environ.get("MAINPID"))
+    if warning:
+        click.echo(f"sockctl: warning: {warning}", err=True)
     answer = client.stop(drain_timeout)
     if not settings.json:
         click.echo(render.stop_view(answer))
@@ -510,11 +590,11 @@ def resume(settings: Settings) -> None:
 
 
 @main.command("log-level")
-@click.argument("level", type=click.Choice(LOG_LEVELS, case_sensitive=False))
+@click.argument("level", type=LogLevel())
 @pass_settings
 def log_level(settings: Settings, level: str) -> None:
-    """Change the log level until the next reload or restart."""
-    answer = settings.client().set_log_level(level.lower())
+    """Change the log level until the next reload or restart (warn means warning)."""
+    answer = settings.client().set_log_level(level)
     if settings.json:
         _emit_json(answer)
     else:
@@ -555,22 +635,23 @@ def stats(settings: Settings) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events; Ctrl-C ends.")
 @click.option(
     "--level",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    type=LogLevel(),
     default="debug",
     show_default=True,
-    help="Least severe level shown.",
+    help="Least severe level shown (warn means warning).",
 )
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line (NDJSON).")
 @pass_settings
-def logs(settings: Settings, lines: int, follow: bool, level: str, as_json: bool) -> None:
-    """Show recent log events; -f follows new ones.
+def logs(settings: Settings, lines: int, follow: bool, level: str) -> None:
+    """Show recent log events; -f follows new ones. --json: one JSON object per line.
 
     Events come from the daemon's in-memory ring buffer, whatever its log output.
-    -f ends with Ctrl-C, or when the daemon closes the stream (said on stderr); both
-    exit 0.
+    -f waits for new events however long the daemon is quiet (--timeout applies only
+    to its answer's start), and ends with Ctrl-C or when the daemon closes the stream
+    (said on stderr): both exit 0. A stream that breaks off (the daemon was killed)
+    exits 1.
     """
-    events = settings.client().logs(n=lines, level=level.lower(), follow=follow)
-    ndjson = as_json or settings.json
+    events = settings.client().logs(n=lines, level=level, follow=follow)
+    ndjson = settings.json
     try:
         for event in events:
             if ndjson:

@@ -105,7 +105,17 @@ class LastReload(TypedDict):
     errors: NotRequired[list[str]]
 
 
-class Status(TypedDict):
+class _OptionalStatus(TypedDict, total=False):
+    """Status keys a daemon may lack (``total=False``: ``NotRequired`` written as a
+    string annotation, as ``from __future__ import annotations`` makes it, is still
+    counted as required by Python 3.11's ``__required_keys__``)."""
+
+    #: ``"systemd"`` when systemd started the daemon (``$NOTIFY_SOCKET`` or
+    #: ``$INVOCATION_ID`` in its environment), else None.
+    supervisor: str | None
+
+
+class Status(_OptionalStatus):
     api_version: int
     pid: int
     version: str
@@ -317,6 +327,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         # The host only fills the Host header; the daemon ignores it.
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
+        self.unix_sock: socket.socket | None = None
         self.peer_pid: int | None = None
         self.peer_uid: int | None = None
 
@@ -329,6 +340,10 @@ class UnixHTTPConnection(http.client.HTTPConnection):
             sock.close()
             raise
         self.sock = sock
+        # http.client drops ``self.sock`` once the response says ``Connection: close``
+        # (every control answer does), while the response goes on reading from this
+        # socket: whoever must change its timeout later (a log follow) uses this.
+        self.unix_sock = sock
         self.peer_pid, self.peer_uid = _peer_cred(sock)
 
 
@@ -523,16 +538,22 @@ class ControlClient:
     ) -> Generator[LogEvent, None, None]:
         """``GET /v1/logs``: yield each NDJSON event as soon as its line arrives.
 
-        With ``follow`` the stream has no end and no read timeout (an idle daemon is
-        not a hung one); closing the generator closes the connection, which is how the
-        daemon learns we went away.
+        With ``follow`` the stream has no end and, once the answer's head is in, no read
+        timeout: a quiet daemon is not a hung one (``journalctl -f`` waits the same
+        way). The stream ends when the daemon ends it (its last chunk: it is
+        stopping) or dies: the kernel closes a dead process's sockets, and forked
+        children close their copies, so a killed daemon is an end of file
+        (``ProtocolError``, the stream broke off) without any heartbeat. Closing the
+        generator closes the connection, which is how the daemon learns we went away.
         """
         query: dict[str, str | int] = {"n": n, "level": level}
         if follow:
             query["follow"] = 1
         with self._exchange("GET", f"{API_PREFIX}/logs?{urlencode(query)}") as (conn, response):
-            if follow and conn.sock is not None:
-                conn.sock.settimeout(None)
+            if follow and conn.unix_sock is not None:
+                # Not ``conn.sock``: http.client has already set it to None (see
+                # ``UnixHTTPConnection.connect``), which left the timeout in force.
+                conn.unix_sock.settimeout(None)
             yield from self._lines(response)
 
     # --- plumbing ---

@@ -205,6 +205,9 @@ def status_view(status: Status, color: bool = False, tz: tzinfo | None = None) -
             f"{counts['active']} active, {counts['total']} total, {counts['refused']} refused",
         ),
     ]
+    supervisor = status.get("supervisor")
+    if supervisor:  # absent (an older daemon) or None (started by hand): no row
+        rows.insert(1, ("supervisor", str(supervisor)))
     extra: list[str] = []
     last = status["last_reload"]
     if last:
@@ -322,6 +325,22 @@ def error_lines(
             else f"reload rejected, sockd keeps its current configuration ({count}):"
         )
     return [head, *(f"  {error}" for error in errors)]
+
+
+def supervisor_warning(status: Status, mainpid: str | None = None) -> str | None:
+    """What ``sockctl stop`` says before stopping a daemon systemd supervises, if anything.
+
+    systemd sees that stop as a clean exit: the unit goes inactive and ``Restart=``
+    does not bring it back. Nothing is said when sockctl is the unit's own command
+    (``ExecStop=``: systemd sets ``$MAINPID`` to the daemon's pid), nor by a daemon too
+    old to report its supervisor.
+    """
+    if status.get("supervisor") != "systemd" or mainpid == str(status["pid"]):
+        return None
+    return (
+        "sockd runs under systemd: use systemctl stop sockd (or sockd@NAME), or "
+        "systemd will not restart it (Restart= sees a clean exit); stopping it anyway"
+    )
 
 
 def stop_view(result: StopResult) -> str:

@@ -17,7 +17,7 @@ import click
 from sockd import __version__
 from sockd.config import DEFAULT_CONFIG_PATH, import_path_from_working_directory, load
 from sockd.errors import ConfigError, SockdError
-from sockd.protocol import ExitCode
+from sockd.protocol import API_VERSION, ExitCode
 
 
 def _fail(message: str, code: int) -> None:
@@ -56,7 +56,12 @@ def _exit_now(status: int) -> None:
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit (0 or 78).")
 @click.option("--daemon", "detach", is_flag=True, help="Detach from the terminal (no systemd).")
 @click.option("--pidfile", metavar="PATH", help="With --daemon: write and lock this pid file.")
-@click.version_option(__version__, prog_name="sockd")
+@click.version_option(
+    __version__,
+    prog_name="sockd",
+    # The shape sockctl prints too: name, version, the control API it serves.
+    message=f"%(prog)s %(version)s (control API v{API_VERSION})",
+)
 def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None) -> None:
     """Run a socketserver request handler as a production service."""
     import_path_from_working_directory()

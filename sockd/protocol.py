@@ -38,6 +38,10 @@ MAX_CONNECTION_ID: Final = 2**63 - 1
 LOGS_MAX_N: Final = 100_000
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+#: Other spellings ``sockctl`` accepts for a level (``warn``, as syslog, journalctl and
+#: Python's own ``logging.WARN`` spell it). It sends the canonical name: the control API
+#: knows only ``LOG_LEVELS``.
+LOG_LEVEL_ALIASES: Final = {"warn": "warning"}
 
 
 class State(StrEnum):

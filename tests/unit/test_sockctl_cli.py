@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ from sockctl.client import (
     _connect_error,
     wait_until_stopped,
 )
+from sockd import cli as sockd_cli
 from sockd.protocol import API_VERSION_HEADER, CONTROL_SOCKET_ENV, DEFAULT_CONTROL_SOCKET
-from tests.conftest import require_reachable_by_others
+from tests.conftest import DEADLINE, require_reachable_by_others
 
 # --- the fake daemon ------------------------------------------------------------------
 
@@ -179,11 +181,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def start_stream(self) -> None:
+    def start_stream(self, close: bool = False) -> None:
+        """A chunked NDJSON answer's head; ``close`` says ``Connection: close`` as sockd does."""
         self.send_response(200)
         self.send_header(API_VERSION_HEADER, "1")
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
 
     def chunk(self, data: bytes) -> None:
@@ -516,6 +521,51 @@ def test_stop_sends_the_timeout(daemon: FakeServer) -> None:
     )
 
 
+def test_stop_warns_when_systemd_supervises(daemon: FakeServer) -> None:
+    """`stop` of a daemon systemd started warns in one stderr line, then stops it."""
+    daemon.set("GET", "/v1/status", Canned(body={**STATUS, "supervisor": "systemd"}))
+    daemon.set("POST", "/v1/stop", Canned(202, {"state": "draining", "timeout": 5.0, "active": 0}))
+    result = ask(daemon, "stop")
+    assert result.exit_code == 0
+    assert result.stderr == (
+        "sockctl: warning: sockd runs under systemd: use systemctl stop sockd (or "
+        "sockd@NAME), or systemd will not restart it (Restart= sees a clean exit); "
+        "stopping it anyway\n"
+    )
+    assert [(seen.method, seen.path) for seen in daemon.seen] == [
+        ("GET", "/v1/status"),
+        ("POST", "/v1/stop"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("supervisor", "mainpid"),
+    [(None, None), ("systemd", str(STATUS["pid"])), ("absent", None)],
+    ids=["by-hand", "systemd-execstop", "older-daemon"],
+)
+def test_stop_is_quiet_unless_behind_systemds_back(
+    daemon: FakeServer, supervisor: str | None, mainpid: str | None
+) -> None:
+    """No warning for a daemon started by hand, for the unit's own ExecStop= ($MAINPID is
+    the daemon), or for a daemon too old to say."""
+    status = dict(STATUS)
+    if supervisor != "absent":
+        status["supervisor"] = supervisor
+    daemon.set("GET", "/v1/status", Canned(body=status))
+    daemon.set("POST", "/v1/stop", Canned(202, {"state": "draining", "timeout": 5.0, "active": 0}))
+    result = run("--socket", daemon.path, "stop", env={"MAINPID": mainpid})
+    assert result.exit_code == 0
+    assert result.stderr == ""
+
+
+def test_status_view_names_the_supervisor(daemon: FakeServer) -> None:
+    """`status` shows a supervisor row only when the daemon reports one."""
+    daemon.set("GET", "/v1/status", Canned(body={**STATUS, "supervisor": "systemd"}))
+    assert "  supervisor:  systemd\n" in ask(daemon, "status").stdout
+    daemon.set("GET", "/v1/status", Canned(body={**STATUS, "supervisor": None}))
+    assert "supervisor" not in ask(daemon, "status").stdout
+
+
 def test_stop_without_timeout_sends_no_body(daemon: FakeServer) -> None:
     """Plain `stop` leaves the timeout to the daemon's shutdown_timeout."""
     daemon.set("POST", "/v1/stop", Canned(202, {"state": "draining", "timeout": 30.0, "active": 0}))
@@ -590,9 +640,30 @@ def test_log_level_puts_the_level(daemon: FakeServer) -> None:
 
 
 def test_log_level_rejects_unknown_levels(daemon: FakeServer) -> None:
-    """An unknown level is a usage error (exit 2) and sends nothing."""
-    assert ask(daemon, "log-level", "loud").exit_code == 2
+    """An unknown level is a usage error (exit 2, one line) and sends nothing."""
+    result = ask(daemon, "log-level", "loud")
+    assert result.exit_code == 2
+    assert result.stderr == (
+        "sockctl: level must be one of debug, info, warning, error, critical (or warn), "
+        "got 'loud'\n"
+    )
     assert daemon.seen == []
+
+
+@pytest.mark.parametrize("spelling", ["warn", "WARN", "Warning"])
+def test_log_level_warn_is_warning(daemon: FakeServer, spelling: str) -> None:
+    """`log-level warn` (any case) sends the canonical name, warning."""
+    daemon.set("PUT", "/v1/log-level", Canned(body={"level": "warning", "previous": "info"}))
+    result = ask(daemon, "log-level", spelling)
+    assert result.exit_code == 0, result.stderr
+    assert daemon.seen[-1].json() == {"level": "warning"}
+
+
+def test_logs_level_warn_asks_for_warning(daemon: FakeServer) -> None:
+    """`logs --level warn` asks the daemon for level=warning."""
+    daemon.set("GET", "/v1/logs", _stream(EVENTS))
+    assert ask(daemon, "logs", "--level", "warn").exit_code == 0
+    assert daemon.seen[-1].query["level"] == ["warning"]
 
 
 def test_reopen_logs(daemon: FakeServer) -> None:
@@ -723,6 +794,39 @@ def test_logs_follow_broken_stream_exits_1(daemon: FakeServer) -> None:
     assert len(result.stdout.splitlines()) == 1
     assert result.stderr.startswith("sockctl: the log stream from ")
     assert "closed the log stream" not in result.stderr
+
+
+def test_logs_follow_waits_through_silence_longer_than_the_timeout(daemon: FakeServer) -> None:
+    """A follow is not cut by the client's timeout: a quiet daemon is not a hung one."""
+
+    def route(handler: Handler) -> None:
+        handler.start_stream(close=True)  # http.client then drops its socket reference
+        handler.chunk(json.dumps(EVENTS[0]).encode() + b"\n")
+        time.sleep(1.0)  # sleep-ok: the quiet period under test, over 3 client timeouts
+        handler.chunk(json.dumps(EVENTS[1]).encode() + b"\n")
+        handler.chunk(b"")
+
+    daemon.set("GET", "/v1/logs", route)
+    with contextlib.closing(ControlClient(daemon.path, timeout=0.3).logs(follow=True)) as events:
+        assert list(events) == EVENTS
+
+
+def test_logs_without_follow_keeps_its_timeout(daemon: FakeServer) -> None:
+    """Plain `logs` (history only) still gives up on a daemon that stops mid-answer."""
+    release = threading.Event()
+
+    def route(handler: Handler) -> None:
+        handler.start_stream(close=True)
+        handler.chunk(json.dumps(EVENTS[0]).encode() + b"\n")
+        release.wait(DEADLINE)
+
+    daemon.set("GET", "/v1/logs", route)
+    try:
+        result = run("--socket", daemon.path, "--timeout", "0.3", "logs")
+    finally:
+        release.set()
+    assert result.exit_code == 1
+    assert result.stderr == f"sockctl: sockd at {daemon.path} stopped sending logs\n"
 
 
 def test_client_yields_each_event_as_it_arrives(daemon: FakeServer) -> None:
@@ -977,15 +1081,35 @@ def test_default_socket_path_is_tried_last() -> None:
 
 
 def test_unparsable_config_option_exits_78(sockdir: str) -> None:
-    """A --config file that is not TOML at all exits 78 naming the syntax error."""
+    """A --config file that is not TOML exits 78 in one line naming the line and column."""
     path = os.path.join(sockdir, "bad.toml")
     with open(path, "w") as fh:
-        fh.write("[server\n")
+        fh.write('[server]\nmode = "threading"\n[control\n')
     result = run("--config", path, "status")
     assert result.exit_code == 78
-    lines = result.stderr.splitlines()
-    assert lines[0] == f"sockctl: invalid config file {path}"
-    assert lines[1].startswith("sockctl:   TOML syntax error")
+    assert result.stderr == (
+        f"sockctl: {path}: TOML syntax error at line 3, column 9: Expected ']' at the end "
+        "of a table declaration (sockctl reads only control.socket from it; --socket PATH "
+        "does without it)\n"
+    )
+
+
+def test_unreadable_config_option_exits_78_in_one_line(sockdir: str) -> None:
+    """A --config file that cannot be read exits 78 in one line saying why."""
+    path = os.path.join(sockdir, "missing.toml")
+    result = run("--config", path, "status")
+    assert result.exit_code == 78
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"sockctl: {path}: cannot read it: No such file or directory")
+
+
+def test_socket_option_skips_a_broken_config_file(sockdir: str, daemon: FakeServer) -> None:
+    """With --socket, a --config file with a syntax error is not read: status works."""
+    path = os.path.join(sockdir, "broken.toml")
+    with open(path, "w") as fh:
+        fh.write("[control]\nsocket = /unquoted\n")
+    result = run("--socket", daemon.path, "--config", path, "status")
+    assert result.exit_code == 0, result.stderr
 
 
 def test_config_option_reads_only_the_socket(sockdir: str, daemon: FakeServer) -> None:
@@ -1061,7 +1185,70 @@ def test_version_option() -> None:
     """`--version` names sockctl, its version and the control API version."""
     result = run("--version")
     assert result.exit_code == 0
-    assert result.stdout.startswith("sockctl 0.1.0 (control API v1)")
+    assert result.stdout == "sockctl 0.1.0 (control API v1)\n"
+
+
+def test_sockd_version_has_the_same_shape() -> None:
+    """`sockd --version` reads like sockctl's: name, version, control API version."""
+    result = CliRunner().invoke(sockd_cli.main, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == "sockd 0.1.0 (control API v1)\n"
+
+
+#: Each command with the arguments and canned answers it needs to succeed.
+JSON_CASES: dict[str, tuple[list[str], dict[tuple[str, str], Route]]] = {
+    "status": ([], {}),
+    "connections": ([], {}),
+    "kick": (["17"], {("DELETE", "/v1/connections/17"): Canned(body={"closed": 17})}),
+    "config": ([], {}),
+    "reload": (
+        [],
+        {
+            ("POST", "/v1/reload"): Canned(
+                body={"result": "applied", "generation": 2, "changes": []}
+            )
+        },
+    ),
+    "stop": (
+        [],
+        {("POST", "/v1/stop"): Canned(202, {"state": "draining", "timeout": 5.0, "active": 0})},
+    ),
+    "pause": ([], {("POST", "/v1/pause"): Canned(body={"state": "paused"})}),
+    "resume": ([], {("POST", "/v1/resume"): Canned(body={"state": "running"})}),
+    "log-level": (
+        ["warn"],
+        {("PUT", "/v1/log-level"): Canned(body={"level": "warning", "previous": "info"})},
+    ),
+    "reopen-logs": (
+        [],
+        {("POST", "/v1/reopen-logs"): Canned(body={"reopened": True, "output": "/var/log/x"})},
+    ),
+    "stats": ([], {("GET", "/metrics"): Canned(body=METRICS, content_type="text/plain")}),
+    "logs": ([], {("GET", "/v1/logs"): _stream(EVENTS)}),
+    "check": (["CONFIG"], {}),
+}
+
+
+def test_json_cases_cover_every_command() -> None:
+    """The --json-after-the-command test below knows every sockctl command."""
+    assert set(JSON_CASES) == set(cli.main.commands)
+
+
+@pytest.mark.parametrize("command", sorted(JSON_CASES))
+def test_json_after_the_command(daemon: FakeServer, sockdir: str, command: str) -> None:
+    """`sockctl COMMAND --json` prints the same JSON as `sockctl --json COMMAND`."""
+    args, routes = JSON_CASES[command]
+    args = [write_config(sockdir, daemon.path) if a == "CONFIG" else a for a in args]
+    for (method, path), route in routes.items():
+        daemon.set(method, path, route)
+    before = ask(daemon, "--json", command, *args)
+    after = ask(daemon, command, *args, "--json")
+    assert after.exit_code == before.exit_code == 0, after.stderr
+    assert after.stdout == before.stdout
+    if command == "logs":  # NDJSON: one event per line
+        assert [json.loads(line) for line in after.stdout.splitlines()] == EVENTS
+    else:
+        json.loads(after.stdout)  # one JSON document
 
 
 def test_client_raises_typed_errors_without_printing(sockdir: str, capsys: Any) -> None:
