@@ -551,7 +551,10 @@ def stop(settings: Settings, drain_timeout: float | None, wait: bool) -> None:
     and Restart= will not bring it back; `systemctl stop` is the way there.
     """
     client = settings.client()
-    warning = render.supervisor_warning(client.status(), os.environ.get("MAINPID"))
+    # Read for the warning only from a daemon sockctl would stop (nothing is sent to
+    # another): the stop answer does not say who supervises the daemon.
+    status = client.status(before=("POST", "/stop"))
+    warning = render.supervisor_warning(status, os.environ.get("MAINPID"))
     if warning:
         click.echo(f"sockctl: warning: {warning}", err=True)
     answer = client.stop(drain_timeout)

@@ -472,9 +472,15 @@ class ControlClient:
 
     # --- endpoints ---
 
-    def status(self) -> Status:
-        """``GET /v1/status``; also checks the API version the body reports."""
-        status = _shaped(self._call("GET", "/status"), Status, "status")
+    def status(self, *, before: tuple[str, str] | None = None) -> Status:
+        """``GET /v1/status``; also checks the API version the body reports.
+
+        ``before``: the state change (``("POST", "/stop")``) this status is read for.
+        The daemon must then be trusted with that change before even the status
+        request is sent, so a command that looks before it acts sends nothing at all
+        to a socket it would refuse to act on.
+        """
+        status = _shaped(self._call("GET", "/status", trust=before), Status, "status")
         if status["api_version"] != API_VERSION:
             raise VersionMismatch(self.path, str(status["api_version"]))
         return status
@@ -558,19 +564,36 @@ class ControlClient:
 
     # --- plumbing ---
 
-    def _call(self, method: str, endpoint: str, body: Any = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        endpoint: str,
+        body: Any = None,
+        *,
+        trust: tuple[str, str] | None = None,
+    ) -> Any:
         """Send one request under ``/v1`` and return the decoded JSON body."""
-        with self._exchange(method, API_PREFIX + endpoint, body) as (_conn, response):
+        with self._exchange(method, API_PREFIX + endpoint, body, trust=trust) as (
+            _conn,
+            response,
+        ):
             data = self._read_body(response)
         return _decode_json(data, f"{method} {API_PREFIX}{endpoint}")
 
     @contextlib.contextmanager
     def _exchange(
-        self, method: str, target: str, body: Any = None
+        self,
+        method: str,
+        target: str,
+        body: Any = None,
+        *,
+        trust: tuple[str, str] | None = None,
     ) -> Generator[tuple[UnixHTTPConnection, http.client.HTTPResponse], None, None]:
         """Connect, send, check the version header and the status; always close.
 
         Error statuses are raised here, so callers only ever see a successful answer.
+        A state change (not ``GET``), or a ``GET`` made for one (``trust``: its method
+        and endpoint under ``/v1``), is sent only to a daemon trusted with it.
         """
         conn = UnixHTTPConnection(self.path, self.timeout)
         try:
@@ -581,6 +604,8 @@ class ControlClient:
             self.peer_pid = conn.peer_pid
             if method != "GET":
                 self._check_daemon(conn.peer_uid, method, target)
+            elif trust is not None:
+                self._check_daemon(conn.peer_uid, trust[0], API_PREFIX + trust[1])
             headers = {"Accept": "application/json", "User-Agent": f"sockctl/{__version__}"}
             payload = None
             if body is not None:
