@@ -271,7 +271,8 @@ class LogLevel(click.ParamType):  # type: ignore[type-arg]  # generic only in ne
         if level not in LOG_LEVELS:
             what = param.name if isinstance(param, click.Argument) else _option_name(param)
             raise UsageProblem(
-                f"{what or 'level'} must be one of {', '.join(LOG_LEVELS)} (or warn), "
+                f"{what or 'level'} must be one of {', '.join(LOG_LEVELS)} "
+                f"(or {', '.join(LOG_LEVEL_ALIASES)}), "
                 f"got {str(value)[:40]!r}",
                 ctx,
             )
