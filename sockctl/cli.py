@@ -552,13 +552,12 @@ def stop(settings: Settings, drain_timeout: float | None, wait: bool) -> None:
     and Restart= will not bring it back; `systemctl stop` is the way there.
     """
     client = settings.client()
-    # Read for the warning only from a daemon sockctl would stop (nothing is sent to
-    # another): the stop answer does not say who supervises the daemon.
-    status = client.status(before=("POST", "/stop"))
-    warning = render.supervisor_warning(status, os.environ.get("MAINPID"))
+    answer = client.stop(drain_timeout)
+    warning = render.supervisor_warning(
+        answer.get("supervisor"), client.peer_pid, os.environ.get("MAINPID")
+    )
     if warning:
         click.echo(f"sockctl: warning: {warning}", err=True)
-    answer = client.stop(drain_timeout)
     if not settings.json:
         click.echo(render.stop_view(answer))
     if wait:

@@ -163,7 +163,12 @@ class ReloadResult(TypedDict):
     changes: list[Change]
 
 
-class StopResult(TypedDict):
+class _OptionalStopResult(TypedDict, total=False):
+    #: As in ``Status``: ``"systemd"`` when systemd started the daemon.
+    supervisor: str | None
+
+
+class StopResult(_OptionalStopResult):
     state: str
     timeout: float
     active: int
@@ -472,15 +477,9 @@ class ControlClient:
 
     # --- endpoints ---
 
-    def status(self, *, before: tuple[str, str] | None = None) -> Status:
-        """``GET /v1/status``; also checks the API version the body reports.
-
-        ``before``: the state change (``("POST", "/stop")``) this status is read for.
-        The daemon must then be trusted with that change before even the status
-        request is sent, so a command that looks before it acts sends nothing at all
-        to a socket it would refuse to act on.
-        """
-        status = _shaped(self._call("GET", "/status", trust=before), Status, "status")
+    def status(self) -> Status:
+        """``GET /v1/status``; also checks the API version the body reports."""
+        status = _shaped(self._call("GET", "/status"), Status, "status")
         if status["api_version"] != API_VERSION:
             raise VersionMismatch(self.path, str(status["api_version"]))
         return status
@@ -569,11 +568,9 @@ class ControlClient:
         method: str,
         endpoint: str,
         body: Any = None,
-        *,
-        trust: tuple[str, str] | None = None,
     ) -> Any:
         """Send one request under ``/v1`` and return the decoded JSON body."""
-        with self._exchange(method, API_PREFIX + endpoint, body, trust=trust) as (
+        with self._exchange(method, API_PREFIX + endpoint, body) as (
             _conn,
             response,
         ):
@@ -586,14 +583,11 @@ class ControlClient:
         method: str,
         target: str,
         body: Any = None,
-        *,
-        trust: tuple[str, str] | None = None,
     ) -> Generator[tuple[UnixHTTPConnection, http.client.HTTPResponse], None, None]:
         """Connect, send, check the version header and the status; always close.
 
         Error statuses are raised here, so callers only ever see a successful answer.
-        A state change (not ``GET``), or a ``GET`` made for one (``trust``: its method
-        and endpoint under ``/v1``), is sent only to a daemon trusted with it.
+        A state change (not ``GET``) is sent only to a daemon trusted with it.
         """
         conn = UnixHTTPConnection(self.path, self.timeout)
         try:
@@ -604,8 +598,6 @@ class ControlClient:
             self.peer_pid = conn.peer_pid
             if method != "GET":
                 self._check_daemon(conn.peer_uid, method, target)
-            elif trust is not None:
-                self._check_daemon(conn.peer_uid, trust[0], API_PREFIX + trust[1])
             headers = {"Accept": "application/json", "User-Agent": f"sockctl/{__version__}"}
             payload = None
             if body is not None:

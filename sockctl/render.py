@@ -327,7 +327,9 @@ def error_lines(
     return [head, *(f"  {error}" for error in errors)]
 
 
-def supervisor_warning(status: Status, mainpid: str | None = None) -> str | None:
+def supervisor_warning(
+    supervisor: str | None, daemon_pid: int | None, mainpid: str | None = None
+) -> str | None:
     """What ``sockctl stop`` says before stopping a daemon systemd supervises, if anything.
 
     systemd sees that stop as a clean exit: the unit goes inactive and ``Restart=``
@@ -335,7 +337,7 @@ def supervisor_warning(status: Status, mainpid: str | None = None) -> str | None
     (``ExecStop=``: systemd sets ``$MAINPID`` to the daemon's pid), nor by a daemon too
     old to report its supervisor.
     """
-    if status.get("supervisor") != "systemd" or mainpid == str(status["pid"]):
+    if supervisor != "systemd" or (daemon_pid is not None and mainpid == str(daemon_pid)):
         return None
     return (
         "sockd runs under systemd: use systemctl stop sockd (or sockd@NAME), or "

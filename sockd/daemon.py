@@ -192,6 +192,14 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        #: "systemd" when systemd started us (it puts these in a unit's environment;
+        #: read once, before anything may unset them): status and stop report it, so
+        #: sockctl stop can warn that stopping behind systemd's back defeats Restart=.
+        self.supervisor = (
+            "systemd"
+            if os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID")
+            else None
+        )
         self.config_path = config.path
         self.generation = 1
         self.state = State.STARTING
@@ -983,11 +991,7 @@ class Daemon:
                 "refused": sum(counters.refused.values()),
             },
             "last_reload": self.last_reload.as_dict() if self.last_reload else None,
-            # systemd puts these in a unit's environment (NOTIFY_SOCKET for Type=notify);
-            # sockctl stop warns that stopping behind systemd's back defeats Restart=.
-            "supervisor": "systemd"
-            if os.environ.get("NOTIFY_SOCKET") or os.environ.get("INVOCATION_ID")
-            else None,
+            "supervisor": self.supervisor,
         }
 
     def connections(self) -> list[dict[str, Any]]:
@@ -1040,7 +1044,12 @@ class Daemon:
         effective = in_force.timeout
         if effective is None:
             effective = self.hub.settings.shutdown_timeout
-        return {"state": "draining", "timeout": effective, "active": self.registry.count()}
+        return {
+            "state": "draining",
+            "timeout": effective,
+            "active": self.registry.count(),
+            "supervisor": self.supervisor,
+        }
 
     def pause(self) -> dict[str, Any]:
         if self._stop is not None or self.state == State.DRAINING:

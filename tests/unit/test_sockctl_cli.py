@@ -522,9 +522,13 @@ def test_stop_sends_the_timeout(daemon: FakeServer) -> None:
 
 
 def test_stop_warns_when_systemd_supervises(daemon: FakeServer) -> None:
-    """`stop` of a daemon systemd started warns in one stderr line, then stops it."""
-    daemon.set("GET", "/v1/status", Canned(body={**STATUS, "supervisor": "systemd"}))
-    daemon.set("POST", "/v1/stop", Canned(202, {"state": "draining", "timeout": 5.0, "active": 0}))
+    """`stop` of a daemon systemd started warns in one stderr line, after the one request
+    that stops it (its answer says who supervises the daemon)."""
+    daemon.set(
+        "POST",
+        "/v1/stop",
+        Canned(202, {"state": "draining", "timeout": 5.0, "active": 0, "supervisor": "systemd"}),
+    )
     result = ask(daemon, "stop")
     assert result.exit_code == 0
     assert result.stderr == (
@@ -532,27 +536,25 @@ def test_stop_warns_when_systemd_supervises(daemon: FakeServer) -> None:
         "sockd@NAME), or systemd will not restart it (Restart= sees a clean exit); "
         "stopping it anyway\n"
     )
-    assert [(seen.method, seen.path) for seen in daemon.seen] == [
-        ("GET", "/v1/status"),
-        ("POST", "/v1/stop"),
-    ]
+    assert [(seen.method, seen.path) for seen in daemon.seen] == [("POST", "/v1/stop")]
 
 
 @pytest.mark.parametrize(
-    ("supervisor", "mainpid"),
-    [(None, None), ("systemd", str(STATUS["pid"])), ("absent", None)],
+    ("supervisor", "execstop"),
+    [(None, False), ("systemd", True), ("absent", False)],
     ids=["by-hand", "systemd-execstop", "older-daemon"],
 )
 def test_stop_is_quiet_unless_behind_systemds_back(
-    daemon: FakeServer, supervisor: str | None, mainpid: str | None
+    daemon: FakeServer, supervisor: str | None, execstop: bool
 ) -> None:
     """No warning for a daemon started by hand, for the unit's own ExecStop= ($MAINPID is
-    the daemon), or for a daemon too old to say."""
-    status = dict(STATUS)
+    the daemon's pid, which the fake daemon in this process has), or for a daemon too old
+    to say."""
+    answer: dict[str, Any] = {"state": "draining", "timeout": 5.0, "active": 0}
     if supervisor != "absent":
-        status["supervisor"] = supervisor
-    daemon.set("GET", "/v1/status", Canned(body=status))
-    daemon.set("POST", "/v1/stop", Canned(202, {"state": "draining", "timeout": 5.0, "active": 0}))
+        answer["supervisor"] = supervisor
+    daemon.set("POST", "/v1/stop", Canned(202, answer))
+    mainpid = str(os.getpid()) if execstop else None
     result = run("--socket", daemon.path, "stop", env={"MAINPID": mainpid})
     assert result.exit_code == 0
     assert result.stderr == ""
