@@ -1,8 +1,10 @@
-"""Regenerate the README's settings and events tables from their one declaration.
+"""Regenerate the README's settings and events tables and etc/sockd.toml from their one
+declaration.
 
-``sockd/config.py`` (``SETTINGS``) and ``sockd/logs.py`` (``EVENTS``) declare every
-setting and log event once; tests/unit/test_config.py fails when the README's copies
-drift. Run ``.venv/bin/python scripts/update_readme_tables.py`` after changing either.
+The section dataclasses in ``sockd/config.py`` declare every setting once, and
+``sockd/logs.py`` (``EVENTS``) every log event; tests/unit/test_config.py fails when the
+README's copies or the example config drift. Run
+``.venv/bin/python scripts/update_readme_tables.py`` after changing either.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sockd.config import reference_table
+from sockd.config import example_toml, reference_table
 from sockd.logs import events_table
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+EXAMPLE = ROOT / "etc" / "sockd.toml"
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -24,15 +28,20 @@ def replace_block(text: str, name: str, body: str) -> str:
     return head + begin + body + end + rest.split(end, 1)[1]
 
 
-def main() -> None:
-    text = README.read_text()
-    updated = replace_block(text, "settings", reference_table())
-    updated = replace_block(updated, "events", events_table())
-    if updated != text:
-        README.write_text(updated)
-        print("README.md tables updated")
+def write_if_changed(path: Path, text: str) -> None:
+    name = path.relative_to(ROOT)
+    if path.read_text() != text:
+        path.write_text(text)
+        print(f"{name} updated")
     else:
-        print("README.md tables already match")
+        print(f"{name} already matches")
+
+
+def main() -> None:
+    readme = README.read_text()
+    readme = replace_block(readme, "settings", reference_table())
+    write_if_changed(README, replace_block(readme, "events", events_table()))
+    write_if_changed(EXAMPLE, example_toml())
 
 
 if __name__ == "__main__":

@@ -682,7 +682,9 @@ def check(settings: Settings, path: str | None) -> None:
     CONFIG defaults to --config, else /etc/sockd/sockd.toml. Exits 78 when invalid.
     """
     target = path or settings.config or sockd_config.DEFAULT_CONFIG_PATH
-    sockd_config.import_path_from_working_directory()  # handler imports as sockd does
+    from sockd.cli import import_path_from_working_directory
+
+    import_path_from_working_directory()  # handler imports as sockd does
     try:
         sockd_config.load(target)
         problems: list[str] = []

@@ -15,7 +15,7 @@ from typing import NoReturn
 import click
 
 from sockd import __version__
-from sockd.config import DEFAULT_CONFIG_PATH, import_path_from_working_directory, load
+from sockd.config import DEFAULT_CONFIG_PATH, load
 from sockd.errors import ConfigError, SockdError
 from sockd.protocol import API_VERSION, ExitCode
 
@@ -30,6 +30,23 @@ def _config_failed(error: ConfigError, config_path: str) -> NoReturn:
     for problem in error.problems:
         click.echo(f"sockd: {config_path}: {problem}", err=True)
     sys.exit(ExitCode.CONFIG)
+
+
+def import_path_from_working_directory() -> None:
+    """Let handler modules import from the directory the command starts in.
+
+    As ``python -m``, gunicorn and uvicorn do; appended, so the standard library and
+    installed packages always win over a same-named file there (it never shadows
+    ``email`` or ``random``); absolute, so it stays right after --daemon changes to "/".
+    A process-wide change, so it belongs to the command line (``sockd`` and ``sockctl
+    check``), not to loading settings, which tests and tools call too.
+    """
+    try:
+        here = os.getcwd()
+    except OSError:  # the directory was removed: nothing to import from there
+        return
+    if here not in sys.path:
+        sys.path.append(here)
 
 
 def _exit_now(status: int) -> None:

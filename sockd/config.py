@@ -1,10 +1,18 @@
 """Settings: declared once, loaded from TOML, validated completely, diffed on reload.
 
-Every key is declared exactly once in ``SETTINGS`` (name, default, parser, doc, whether a
-reload applies it live). Validation, the effective-config dump, the reload diff, the
-README's reference table and ``etc/sockd.toml`` all derive from or are checked against
-that one table, so they cannot drift. Loading never binds or starts anything: it is
-what ``sockd --check-config`` and ``sockctl check`` run.
+Every key is declared exactly once, as a field of its section's dataclass
+(``ServerConfig``, ``LoggingConfig``, ``ControlConfig``) whose metadata carries the
+default as written in the file, the parser, the doc, whether a reload applies it live
+and how the effective config shows it. ``SETTINGS`` is derived from those fields, and
+validation, the effective-config dump, the reload diff, the README's reference table
+and ``etc/sockd.toml`` all derive from it, so they cannot drift. Loading never binds or
+starts anything, nor changes ``sys.path`` (the command lines do that): it is what
+``sockd --check-config`` and ``sockctl check`` run.
+
+Over 600 lines on purpose: a third of it is the declarations, which are the operator's
+documentation (the README table and etc/sockd.toml are generated from them), and they
+sit next to the parsers they name. The address and value parsers are the part that
+could leave, as one leaf module, if this grows.
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ import os
 import re
 import socketserver
 import stat
-import sys
+import textwrap
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeAlias, cast
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, TypeAlias, cast, get_type_hints
 
 from sockd.errors import ConfigError
+from sockd.protocol import DEFAULT_CONTROL_SOCKET, LOG_LEVELS
 
 Mode: TypeAlias = Literal["threading", "forking"]
 LogFormat: TypeAlias = Literal["json", "logfmt", "console"]
@@ -31,7 +40,6 @@ OnLimit: TypeAlias = Literal["wait", "refuse"]
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_CONFIG_PATH = "/etc/sockd/sockd.toml"
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -116,84 +124,11 @@ def _check_host(host: str) -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    listen: tuple[Address, ...]
-    mode: Mode
-    handler: str
-    handler_options: Mapping[str, Any]
-    request_queue_size: int
-    reuse_port: bool
-    shutdown_timeout: float
-    max_connections: int
-    on_limit: OnLimit
-    max_per_ip: int
-    rate_per_ip: float
-    rate_burst: int
-    ipv6_prefix: int
-    idle_timeout: float
-    max_connection_duration: float
-    allow: tuple[Network, ...]
-    deny: tuple[Network, ...]
-    max_children: int
-    max_spare_threads: int
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    level: str
-    format: LogFormat
-    output: str
-    ring_size: int
-    identifier: str
-
-
-@dataclass(frozen=True, slots=True)
-class ControlConfig:
-    socket: str
-    mode: int
-    group: str | None
-    read_group: str | None
-    request_timeout: float
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    server: ServerConfig
-    logging: LoggingConfig
-    control: ControlConfig
-    path: str | None = field(default=None, compare=False)
-
-    def handler_class(self) -> type[socketserver.BaseRequestHandler]:
-        """The configured handler class (already proven importable by validation)."""
-        return import_handler(self.server.handler)
-
-
 class Invalid(ValueError):  # noqa: N818  # reads as 'raise Invalid("expected ...")'
     """Raised by a parser; the message says what was expected."""
 
 
 Parser: TypeAlias = Callable[[Any], Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Setting:
-    """One config key: its default, how to parse it, and what operators read about it."""
-
-    key: str
-    default: Any
-    parse: Parser
-    doc: str
-    live: bool = True
-    example: str | None = None
-
-    @property
-    def section(self) -> str:
-        return self.key.rsplit(".", 1)[0]
-
-    @property
-    def name(self) -> str:
-        return self.key.rsplit(".", 1)[1]
 
 
 def _q(text: str) -> str:
@@ -284,7 +219,7 @@ def _optional_group(value: Any) -> str | None:
     if not value.isdigit():
         try:
             grp.getgrnam(value)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL byte, which no group name has
             raise Invalid(f"no such group {_q(value)}") from None
     return value
 
@@ -419,202 +354,348 @@ def _socket_path(value: Any) -> str:
     return text
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "server.listen",
-        ["127.0.0.1:9000"],
-        _listen,
-        'Addresses to serve, "host:port" or "[v6]:port". Port 0 picks a free port.',
-    ),
-    Setting(
-        "server.mode",
-        "threading",
-        _choice("threading", "forking"),
-        '"threading" (ThreadingTCPServer: a thread for each open connection, reused, see '
-        'max_spare_threads) or "forking" (ForkingTCPServer: a process per connection).',
-    ),
-    Setting(
-        "server.handler",
-        "sockd.handlers:EchoHandler",
-        _handler_path,
-        'The socketserver.BaseRequestHandler subclass to run, as "package.module:Class".',
-    ),
-    Setting(
-        "server.handler_options",
-        {},
-        _table,
-        "Free-form table handed to the handler as self.options (sockd-aware handlers).",
-    ),
-    Setting(
-        "server.request_queue_size",
-        1024,
-        _integer(1, 65535),
-        "Listen backlog: connections the kernel queues before sockd accepts them "
-        "(capped by net.core.somaxconn).",
-    ),
-    Setting(
-        "server.reuse_port",
-        False,
-        _boolean,
-        "Set SO_REUSEPORT so several processes can bind the same address.",
-    ),
-    Setting(
-        "server.shutdown_timeout",
-        30.0,
-        _seconds(0, 86400),
-        (
-            "Seconds a graceful stop waits for in-flight connections before closing them; "
-            "sockd exits within this plus 0.5 s."
-        ),
-    ),
-    Setting(
-        "server.max_connections",
-        0,
-        _integer(0),
-        "Concurrent connections served at most; 0 means no limit.",
-    ),
-    Setting(
-        "server.on_limit",
-        "wait",
-        _choice("wait", "refuse"),
-        'At max_connections: "wait" leaves new connections in the listen backlog, '
-        '"refuse" closes them at once.',
-    ),
-    Setting(
-        "server.max_per_ip",
-        0,
-        _integer(0),
-        "Concurrent connections from one peer address (IPv6: one prefix); 0 means no limit.",
-    ),
-    Setting(
-        "server.rate_per_ip",
-        0.0,
-        _rate,
-        "New connections per second one peer address (IPv6: one prefix) may open, "
-        "sustained; the excess is closed at once. 0 means no limit.",
-    ),
-    Setting(
-        "server.rate_burst",
-        10,
-        _integer(1, 1_000_000),
-        "With rate_per_ip: connections a peer may open at once before the rate applies.",
-    ),
-    Setting(
-        "server.ipv6_prefix",
-        64,
-        _integer(1, 128),
-        "Prefix length that counts as one IPv6 peer for max_per_ip and rate_per_ip.",
-    ),
-    Setting(
-        "server.idle_timeout",
-        0.0,
-        _seconds(0, 86400),
-        (
-            "Close a connection with no data moving either way (received or sent) for this "
-            "many seconds; 0 disables."
-        ),
-    ),
-    Setting(
-        "server.max_connection_duration",
-        0.0,
-        _seconds(0, 31_536_000),
-        "Close a connection this many seconds after it was accepted, however busy "
-        '(ended="max_duration"; against clients that trickle data forever); 0 disables.',
-    ),
-    Setting(
-        "server.allow",
-        [],
-        _networks,
-        "CIDR networks allowed to connect; empty allows every peer not denied.",
-    ),
-    Setting(
-        "server.deny",
-        [],
-        _networks,
-        "CIDR networks refused before the handler runs; deny wins over allow.",
-    ),
-    Setting(
-        "server.max_children",
-        256,
-        _integer(1, 65535),
-        "Forking mode: child processes at most; further connections wait in the backlog.",
-    ),
-    Setting(
-        "server.max_spare_threads",
-        64,
-        _integer(0, 65535),
-        "Threading mode: finished connection threads kept (about 60 s) to serve the next "
-        "connection instead of starting a thread; 0 starts one per connection.",
-    ),
-    Setting(
-        "logging.level",
-        "info",
-        _choice(*LOG_LEVELS),
-        "Least severe level written.",
-    ),
-    Setting(
-        "logging.format",
-        "json",
-        _choice("json", "logfmt", "console"),
-        '"json" (one object per line), "logfmt" (key=value) or "console" '
-        "(coloured when the output is a terminal).",
-    ),
-    Setting(
-        "logging.output",
-        "stdout",
-        _log_output,
-        '"stdout", "stderr", "journald" or a file path (reopened by sockctl reopen-logs; '
-        "a relative path is taken from the config file's directory).",
-    ),
-    Setting(
-        "logging.ring_size",
-        1000,
-        _integer(0, 1_000_000),
-        "Recent events kept in memory for sockctl logs.",
-    ),
-    Setting(
-        "logging.identifier",
-        "sockd",
-        _identifier,
-        "SYSLOG_IDENTIFIER of journal entries (journalctl -t NAME); an instance of "
-        'sockd@.service sets "sockd-NAME" to match its unit\'s SyslogIdentifier=.',
-    ),
-    Setting(
-        "control.socket",
-        "/run/sockd/control.sock",
-        _socket_path,
-        "Path of the control channel's Unix socket (sockctl talks to it); a relative path "
-        "is taken from the config file's directory.",
-    ),
-    Setting(
-        "control.mode",
-        0o660,
-        _file_mode,
-        'File mode of the control socket, "0660" or 0o660.',
-    ),
-    Setting(
-        "control.group",
-        None,
-        _optional_group,
-        "Group that owns the control socket; its members may use every command.",
-    ),
-    Setting(
-        "control.read_group",
-        None,
-        _optional_group,
-        "Group whose members may use the read-only commands (status, connections, logs).",
-    ),
-    Setting(
-        "control.request_timeout",
-        10.0,
-        _seconds(0.1, 3600),
-        "Seconds a control client may take to send its request.",
-    ),
-)
+def _plain(value: Any) -> Any:
+    """A JSON-ready rendering of a setting's value."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Address | ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return str(value)
+    return value
 
+
+def _octal(mode: int) -> str:
+    """A file mode as operators write it ("0660"), not as JSON would show it (432)."""
+    return f"0{mode:o}"
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One config key: its default as written in the file, how to parse it, what operators
+    read about it, whether a reload applies it, and how the effective config shows it."""
+
+    key: str
+    default: Any
+    parse: Parser
+    doc: str
+    live: bool = True
+    #: Shown commented out in etc/sockd.toml instead of the default, where the default
+    #: would say nothing (a group that is unset, an empty free-form table).
+    example: Any = None
+    #: The value as GET /v1/config and the reload diff show it: written as in the file.
+    dump: Callable[[Any], Any] = _plain
+    #: A relative path is taken from the config file's directory.
+    file_path: bool = False
+
+    @property
+    def section(self) -> str:
+        return self.key.rsplit(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit(".", 1)[1]
+
+
+#: The metadata entry of a section dataclass's field that declares its config key.
+_SETTING = "sockd.setting"
+
+
+def _declare(
+    default: Any,
+    parse: Parser,
+    doc: str,
+    *,
+    live: bool = True,
+    example: Any = None,
+    dump: Callable[[Any], Any] = _plain,
+    file_path: bool = False,
+) -> dict[str, Setting]:
+    """The ``field(metadata=...)`` that makes a section dataclass's field a config key.
+
+    Adding a setting is adding one such field; then run scripts/update_readme_tables.py
+    to regenerate the README table and etc/sockd.toml. ``default`` is written as in the
+    file (``"0660"``, not ``0o660``) and is parsed like a value read from it. The key
+    ("section.field") comes from where the field sits, so it is not written twice; the
+    field stays required, so building a section by hand must name every value.
+    """
+    return {_SETTING: Setting("", default, parse, doc, live, example, dump, file_path)}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The [server] table: what is served, how, and to whom."""
+
+    listen: tuple[Address, ...] = field(
+        metadata=_declare(
+            ["127.0.0.1:9000"],
+            _listen,
+            'Addresses to serve, "host:port" or "[v6]:port". Port 0 picks a free port.',
+        )
+    )
+    mode: Mode = field(
+        metadata=_declare(
+            "threading",
+            _choice("threading", "forking"),
+            '"threading" (ThreadingTCPServer: a thread for each open connection, reused, see '
+            'max_spare_threads) or "forking" (ForkingTCPServer: a process per connection).',
+        )
+    )
+    handler: str = field(
+        metadata=_declare(
+            "sockd.handlers:EchoHandler",
+            _handler_path,
+            'The socketserver.BaseRequestHandler subclass to run, as "package.module:Class".',
+        )
+    )
+    handler_options: Mapping[str, Any] = field(
+        metadata=_declare(
+            {},
+            _table,
+            "Free-form table handed to the handler as self.options (sockd-aware handlers, "
+            "e.g. JSONActionHandler's max_line_bytes).",
+            example={"max_line_bytes": 65536},
+        )
+    )
+    request_queue_size: int = field(
+        metadata=_declare(
+            1024,
+            _integer(1, 65535),
+            "Listen backlog: connections the kernel queues before sockd accepts them "
+            "(capped by net.core.somaxconn).",
+        )
+    )
+    reuse_port: bool = field(
+        metadata=_declare(
+            False,
+            _boolean,
+            "Set SO_REUSEPORT so several processes can bind the same address.",
+        )
+    )
+    shutdown_timeout: float = field(
+        metadata=_declare(
+            30.0,
+            _seconds(0, 86400),
+            "Seconds a graceful stop waits for in-flight connections before closing them; "
+            "sockd exits within this plus 0.5 s.",
+        )
+    )
+    max_connections: int = field(
+        metadata=_declare(
+            0,
+            _integer(0),
+            "Concurrent connections served at most; 0 means no limit.",
+        )
+    )
+    on_limit: OnLimit = field(
+        metadata=_declare(
+            "wait",
+            _choice("wait", "refuse"),
+            'At max_connections: "wait" leaves new connections in the listen backlog, '
+            '"refuse" closes them at once.',
+        )
+    )
+    max_per_ip: int = field(
+        metadata=_declare(
+            0,
+            _integer(0),
+            "Concurrent connections from one peer address (IPv6: one prefix); 0 means no limit.",
+        )
+    )
+    rate_per_ip: float = field(
+        metadata=_declare(
+            0.0,
+            _rate,
+            "New connections per second one peer address (IPv6: one prefix) may open, "
+            "sustained; the excess is closed at once. 0 means no limit.",
+        )
+    )
+    rate_burst: int = field(
+        metadata=_declare(
+            10,
+            _integer(1, 1_000_000),
+            "With rate_per_ip: connections a peer may open at once before the rate applies.",
+        )
+    )
+    ipv6_prefix: int = field(
+        metadata=_declare(
+            64,
+            _integer(1, 128),
+            "Prefix length that counts as one IPv6 peer for max_per_ip and rate_per_ip.",
+        )
+    )
+    idle_timeout: float = field(
+        metadata=_declare(
+            0.0,
+            _seconds(0, 86400),
+            "Close a connection with no data moving either way (received or sent) for this "
+            "many seconds; 0 disables.",
+        )
+    )
+    max_connection_duration: float = field(
+        metadata=_declare(
+            0.0,
+            _seconds(0, 31_536_000),
+            "Close a connection this many seconds after it was accepted, however busy "
+            '(ended="max_duration"; against clients that trickle data forever); 0 disables.',
+        )
+    )
+    allow: tuple[Network, ...] = field(
+        metadata=_declare(
+            [],
+            _networks,
+            "CIDR networks allowed to connect; empty allows every peer not denied.",
+        )
+    )
+    deny: tuple[Network, ...] = field(
+        metadata=_declare(
+            [],
+            _networks,
+            "CIDR networks refused before the handler runs; deny wins over allow.",
+        )
+    )
+    max_children: int = field(
+        metadata=_declare(
+            256,
+            _integer(1, 65535),
+            "Forking mode: child processes at most; further connections wait in the backlog.",
+        )
+    )
+    max_spare_threads: int = field(
+        metadata=_declare(
+            64,
+            _integer(0, 65535),
+            "Threading mode: finished connection threads kept (about 60 s) to serve the next "
+            "connection instead of starting a thread (most of a short connection's cost); 0 "
+            "starts one per connection. Context variables are fresh for every connection, "
+            'threading.local state is not (see "Writing a handler" in the README).',
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """The [logging] table: what is logged, how, and where."""
+
+    level: str = field(
+        metadata=_declare("info", _choice(*LOG_LEVELS), "Least severe level written.")
+    )
+    format: LogFormat = field(
+        metadata=_declare(
+            "json",
+            _choice("json", "logfmt", "console"),
+            '"json" (one object per line), "logfmt" (key=value) or "console" '
+            "(coloured when the output is a terminal).",
+        )
+    )
+    output: str = field(
+        metadata=_declare(
+            "stdout",
+            _log_output,
+            '"stdout", "stderr", "journald" or a file path (reopened by sockctl '
+            "reopen-logs; a relative path is taken from the config file's directory). A "
+            "file must be one sockd's user can append to, or create in an existing "
+            "directory: --check-config and a reload refuse one that opening would fail on.",
+            file_path=True,
+        )
+    )
+    ring_size: int = field(
+        metadata=_declare(
+            1000,
+            _integer(0, 1_000_000),
+            "Recent events kept in memory for sockctl logs.",
+        )
+    )
+    identifier: str = field(
+        metadata=_declare(
+            "sockd",
+            _identifier,
+            "SYSLOG_IDENTIFIER of journal entries (journalctl -t NAME); an instance of "
+            'sockd@.service sets "sockd-NAME" to match its unit\'s SyslogIdentifier=.',
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The [control] table: the control channel's socket and who may use it."""
+
+    socket: str = field(
+        metadata=_declare(
+            DEFAULT_CONTROL_SOCKET,
+            _socket_path,
+            "Path of the control channel's Unix socket (sockctl talks to it); a relative "
+            "path is taken from the config file's directory.",
+            file_path=True,
+        )
+    )
+    mode: int = field(
+        metadata=_declare(
+            "0660",
+            _file_mode,
+            'File mode of the control socket, "0660" or 0o660. With group or read_group '
+            "set it must give the group write permission, which connecting needs "
+            '("0640" is refused).',
+            dump=_octal,
+        )
+    )
+    group: str | None = field(
+        metadata=_declare(
+            None,
+            _optional_group,
+            "Group that owns the control socket; its members may use every command.",
+            example="sockd",
+        )
+    )
+    read_group: str | None = field(
+        metadata=_declare(
+            None,
+            _optional_group,
+            "Group whose members may use the read-only commands (status, connections, logs).",
+            example="sockd",
+        )
+    )
+    request_timeout: float = field(
+        metadata=_declare(
+            10.0,
+            _seconds(0.1, 3600),
+            "Seconds a control client may take to send its request.",
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole file: each field but ``path`` is a [section] of it, in the file's order."""
+
+    server: ServerConfig
+    logging: LoggingConfig
+    control: ControlConfig
+    path: str | None = field(default=None, compare=False)
+
+    def handler_class(self) -> type[socketserver.BaseRequestHandler]:
+        """The configured handler class (already proven importable by validation)."""
+        return import_handler(self.server.handler)
+
+
+def _sections() -> dict[str, Any]:
+    """Each [section] of the file and the dataclass its keys fill, from ``Config``'s fields."""
+    hints = get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config) if f.name != "path"}
+
+
+_SECTION_TYPES = _sections()
+SECTIONS = tuple(_SECTION_TYPES)
+SETTINGS: tuple[Setting, ...] = tuple(
+    replace(f.metadata[_SETTING], key=f"{section}.{f.name}")
+    for section, cls in _SECTION_TYPES.items()
+    for f in fields(cls)
+)
 SETTINGS_BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
 #: Keys holding a file path: a relative one is taken from the config file's directory.
-FILE_PATHS = frozenset({"control.socket", "logging.output"})
+FILE_PATHS = frozenset(s.key for s in SETTINGS if s.file_path)
+#: Keys whose value is a free-form table: their contents are not checked key by key.
+FREE_TABLES = frozenset(s.key for s in SETTINGS if s.parse is _table)
 #: logging.output's words that are not file names.
 _OUTPUT_WORDS = frozenset({"stdout", "stderr", "journald"})
 
@@ -630,24 +711,6 @@ def relative_to_config(value: Any, config_path: str, key: str = "control.socket"
     if key == "logging.output" and value in _OUTPUT_WORDS:
         return value
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_path)), value))
-
-
-def import_path_from_working_directory() -> None:
-    """Let handler modules import from the directory sockd starts in, as ``python -m``,
-    gunicorn and uvicorn do; appended, so the standard library and installed packages
-    always win over a same-named file there (it never shadows ``email`` or ``random``).
-    Absolute, so it stays right after --daemon changes to "/"."""
-    try:
-        here = os.getcwd()
-    except OSError:  # the directory was removed: nothing to import from there
-        return
-    if here not in sys.path:
-        sys.path.append(here)
-
-
-SECTIONS = ("server", "logging", "control")
-#: Keys whose value is a free-form table: their contents are not checked key by key.
-FREE_TABLES = frozenset({"server.handler_options"})
 
 
 def import_handler(path: str) -> type[socketserver.BaseRequestHandler]:
@@ -727,7 +790,7 @@ def from_mapping(data: Mapping[str, Any], path: str | None = None) -> Config:
         if not isinstance(table, dict):
             continue  # reported once above, not once per key
         raw = table.get(setting.name, setting.default)
-        if path is not None and setting.key in FILE_PATHS:
+        if path is not None and setting.file_path:
             raw = relative_to_config(raw, path, setting.key)
         try:
             values[setting.key] = setting.parse(raw)
@@ -741,16 +804,11 @@ def from_mapping(data: Mapping[str, Any], path: str | None = None) -> Config:
 
 def build(values: Mapping[str, Any], path: str | None) -> Config:
     """Assemble the frozen settings objects from validated values."""
-
-    def section(name: str) -> dict[str, Any]:
-        return {s.name: values[s.key] for s in SETTINGS if s.section == name}
-
-    return Config(
-        server=ServerConfig(**section("server")),
-        logging=LoggingConfig(**section("logging")),
-        control=ControlConfig(**section("control")),
-        path=path,
-    )
+    sections = {
+        section: cls(**{f.name: values[f"{section}.{f.name}"] for f in fields(cls)})
+        for section, cls in _SECTION_TYPES.items()
+    }
+    return Config(**sections, path=path)
 
 
 def parse_text(text: str, path: str | None = None) -> Config:
@@ -785,25 +843,11 @@ def value_of(config: Config, key: str) -> Any:
     return getattr(getattr(config, section), name)
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-ready rendering of a setting's value."""
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Address | ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return str(value)
-    return value
-
-
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     """The effective config, JSON-ready, in the file's shape."""
     out: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
     for setting in SETTINGS:
-        value = value_of(config, setting.key)
-        if setting.key == "control.mode":
-            value = f"0{value:o}"
-        out[setting.section][setting.name] = _plain(value)
+        out[setting.section][setting.name] = setting.dump(value_of(config, setting.key))
     return out
 
 
@@ -814,9 +858,9 @@ class Change:
     new: Any
 
     def as_dict(self) -> dict[str, Any]:
-        if self.key == "control.mode":  # written as in the file and GET /v1/config
-            return {"key": self.key, "old": f"0{self.old:o}", "new": f"0{self.new:o}"}
-        return {"key": self.key, "old": _plain(self.old), "new": _plain(self.new)}
+        """Old and new written as GET /v1/config shows them."""
+        dump = SETTINGS_BY_KEY[self.key].dump
+        return {"key": self.key, "old": dump(self.old), "new": dump(self.new)}
 
 
 def diff(old: Config, new: Config) -> list[Change]:
@@ -858,8 +902,72 @@ def reference_table() -> str:
     rows = ["| key | default | reload | meaning |", "| --- | --- | --- | --- |"]
     for s in SETTINGS:
         default = "(none)" if s.default is None else _toml(s.default)
-        if s.key == "control.mode":
-            default = '"0660"'
         live = "live" if s.live else "restart"
         rows.append(f"| `{s.key}` | `{default}` | {live} | {s.doc} |")
     return "\n".join(rows) + "\n"
+
+
+#: The keys etc/sockd.toml sets, written as in the file: what the README's quick start
+#: relies on. Every other key appears there commented out with its default.
+EXAMPLE_VALUES: Mapping[str, Any] = {
+    "server.listen": ["127.0.0.1:9000"],
+    "server.handler": "sockd.handlers:EchoHandler",
+    "logging.format": "console",  # the default, "json", is for machines
+    "control.socket": DEFAULT_CONTROL_SOCKET,
+}
+
+_EXAMPLE_HEADER = """\
+# sockd configuration, as the README's quick start runs it: the keys set below give an
+# echo service on 127.0.0.1:9000 with logs on the terminal and the control socket at
+# /run/sockd/control.sock. Every other key is commented out with its default, each under
+# a comment saying what it does.
+#
+# Validate with: sockd --check-config --config PATH   (or: sockctl check PATH)
+# Apply changes without dropping a connection: sockctl reload  (or SIGHUP)
+# Generated by scripts/update_readme_tables.py from the declarations in sockd/config.py."""
+
+
+def _comment(text: str) -> str:
+    return textwrap.fill(
+        text,
+        width=88,
+        initial_indent="# ",
+        subsequent_indent="# ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def _example_key(setting: Setting) -> str:
+    """A key's doc comment, then the key: set if the example sets it, else commented out."""
+    if setting.key in EXAMPLE_VALUES:
+        line = f"{setting.name} = {_toml(EXAMPLE_VALUES[setting.key])}"
+    elif setting.default is None:  # TOML cannot write "unset": show what a value looks like
+        return f"{_comment(setting.doc + ' Unset by default.')}\n# {setting.name} = " + _toml(
+            setting.example
+        )
+    else:
+        line = f"# {setting.name} = {_toml(setting.default)}"
+    return f"{_comment(setting.doc)}\n{line}"
+
+
+def _example_table(setting: Setting) -> str:
+    """A free-form table as its own [section.key], after the section's other keys (TOML
+    gives every key after a header to that table); its entries set or shown as examples."""
+    if setting.key in EXAMPLE_VALUES:
+        entries = [f"{_key(k)} = {_toml(v)}" for k, v in EXAMPLE_VALUES[setting.key].items()]
+    else:
+        shown = setting.example or setting.default
+        entries = [f"# {_key(k)} = {_toml(v)}" for k, v in shown.items()]
+    return "\n".join([f"[{setting.key}]", _comment(setting.doc), *entries])
+
+
+def example_toml() -> str:
+    """etc/sockd.toml, generated from ``SETTINGS`` and ``EXAMPLE_VALUES``."""
+    parts = [_EXAMPLE_HEADER]
+    for section in SECTIONS:
+        settings = [s for s in SETTINGS if s.section == section]
+        keys = "\n\n".join(_example_key(s) for s in settings if s.key not in FREE_TABLES)
+        parts.append(f"[{section}]\n{keys}")
+        parts.extend(_example_table(s) for s in settings if s.key in FREE_TABLES)
+    return "\n\n".join(parts) + "\n"

@@ -163,19 +163,59 @@ def test_to_dict_round_trips_through_validation() -> None:
     assert from_mapping(config.to_dict(cfg)) == cfg
 
 
-def test_example_config_documents_every_key() -> None:
-    """etc/sockd.toml sets or shows every declared key, each preceded by a comment."""
-    text = (REPO / "etc" / "sockd.toml").read_text()
-    data = tomllib.loads(text)
-    from_mapping(data)  # valid
+def test_example_config_matches_declaration() -> None:
+    """etc/sockd.toml is exactly what the declarations generate (run
+    scripts/update_readme_tables.py after changing a setting)."""
+    assert (REPO / "etc" / "sockd.toml").read_text() == config.example_toml()
+
+
+def test_example_config_is_the_quick_start_and_every_other_key_its_default() -> None:
+    """etc/sockd.toml serves the echo handler on 127.0.0.1:9000 with console logs and the
+    default control socket, leaves every other key at its default, and shows each key
+    under a comment."""
+    text = config.example_toml()
+    cfg = from_mapping(tomllib.loads(text))
+    assert cfg.server.listen == (Address("127.0.0.1", 9000),)
+    assert cfg.server.handler == "sockd.handlers:EchoHandler"
+    assert (cfg.logging.format, cfg.logging.output) == ("console", "stdout")
+    assert cfg.control.socket == "/run/sockd/control.sock"
+    changed = {c.key for c in diff(config.defaults(), cfg)}
+    assert changed == {"logging.format"}  # the other set keys restate their defaults
+    assert set(config.EXAMPLE_VALUES) <= {s.key for s in config.SETTINGS}
     for setting in config.SETTINGS:
         if setting.key in config.FREE_TABLES:
-            assert f"[{setting.key}]" in text
+            assert f"\n[{setting.key}]\n# " in text
             continue
-        pattern = rf"^# [^\n]*\n(#? ?){re.escape(setting.name)} = "
-        assert re.search(pattern, text, re.MULTILINE), (
-            f"{setting.key} undocumented in etc/sockd.toml"
-        )
+        commented = "" if setting.key in config.EXAMPLE_VALUES else "# "
+        pattern = rf"^# [^\n]*\n{commented}{re.escape(setting.name)} = "
+        assert re.search(pattern, text, re.MULTILINE), f"{setting.key} not shown as declared"
+
+
+def test_settings_are_the_section_dataclasses_fields() -> None:
+    """Each field of a section dataclass is one declared key, in the file's order."""
+    from dataclasses import fields
+
+    declared = [
+        f"{section}.{f.name}"
+        for section, cls in [
+            ("server", config.ServerConfig),
+            ("logging", config.LoggingConfig),
+            ("control", config.ControlConfig),
+        ]
+        for f in fields(cls)
+    ]
+    assert [s.key for s in config.SETTINGS] == declared
+    assert config.SECTIONS == ("server", "logging", "control")
+
+
+def test_control_mode_is_shown_as_written_in_the_file() -> None:
+    """control.mode reads "0660" in the effective config, the reload diff and the table."""
+    old, new = from_mapping({}), from_mapping({"control": {"mode": 0o600}})
+    assert config.to_dict(old)["control"]["mode"] == "0660"
+    assert [c.as_dict() for c in diff(old, new)] == [
+        {"key": "control.mode", "old": "0660", "new": "0600"}
+    ]
+    assert '| `control.mode` | `"0660"` |' in config.reference_table()
 
 
 def test_readme_reference_table_matches_declaration() -> None:

@@ -218,3 +218,14 @@ def test_mode_problem_is_reported_with_the_others() -> None:
         "logging.output",
         "control.mode",
     ]
+
+
+# --------------------------------------------------------------------------- groups
+
+
+@pytest.mark.parametrize("key", ["group", "read_group"])
+def test_group_with_a_nul_byte_is_a_config_error(key: str) -> None:
+    """A group name with a NUL byte is reported as no such group, not a crash in grp."""
+    assert problems_of({"control": {key: "ops\x00"}}) == [
+        f'control.{key}: no such group "ops\\u0000"'
+    ]
