@@ -474,7 +474,7 @@ def test_stop_is_answered_202_before_exit_and_drains(sockd_factory: Any, short_t
     status, headers, body = http(short_tmp / "ctl.sock", "POST", "/v1/stop", {"timeout": 15})
     assert status == 202
     assert headers["X-Sockd-Api-Version"] == "1"
-    assert body == {"state": "draining", "timeout": 15.0, "active": 1}
+    assert body == {"state": "draining", "timeout": 15.0, "active": 1, "supervisor": None}
     assert proc.proc.poll() is None  # answered before the process exits
     stopping = proc.wait_for("server.stopping")
     assert stopping["active"] == 1
