@@ -81,6 +81,15 @@ def _exit_now(status: int) -> None:
 )
 def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None) -> None:
     """Run a socketserver request handler as a production service."""
+    # Usage first, in one line, before the config is read. A detached daemon without a pid
+    # file could only be found through its control socket: init scripts, monitors and
+    # start-stop-daemon need the file, so --daemon asks for one rather than guessing a
+    # path (the right directory differs between root and other users).
+    if not check_config:
+        if detach and not pidfile:
+            _fail("--daemon needs --pidfile PATH (e.g. /run/sockd.pid)", ExitCode.USAGE)
+        if pidfile and not detach:
+            _fail("--pidfile goes with --daemon", ExitCode.USAGE)
     import_path_from_working_directory()
     # Absolute, so a reload re-reads the same file after --daemon has changed to "/".
     config_path = os.path.abspath(config_path)
@@ -91,8 +100,6 @@ def main(config_path: str, check_config: bool, detach: bool, pidfile: str | None
     if check_config:
         click.echo(f"{config_path}: OK")
         sys.exit(ExitCode.OK)
-    if pidfile and not detach:
-        raise click.UsageError("--pidfile goes with --daemon")
     if detach:
         from sockd.detach import run_detached
 

@@ -24,6 +24,9 @@ from sockd.config import Config
 from sockd.errors import ConfigError, SockdError
 from sockd.protocol import ExitCode
 
+#: The pid file's mode: readable by everyone, as monitors and init scripts expect.
+PIDFILE_MODE = 0o644
+
 
 class PidFileError(SockdError):
     """The pid file is held by a running sockd, or cannot be written."""
@@ -56,7 +59,7 @@ class PidFile:
         # O_NONBLOCK: opening a FIFO planted there cannot hang the start.
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
         try:
-            fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, flags | os.O_CLOEXEC, PIDFILE_MODE)
         except OSError as exc:
             # ELOOP is what O_NOFOLLOW gives for a link; some kernels answer EACCES for
             # O_CREAT on another user's link in a sticky directory: say what it is.
@@ -72,6 +75,10 @@ class PidFile:
             info = os.fstat(fd)
             self._check_file(info)
             os.set_blocking(fd, True)
+            # 0644 whatever the umask (the daemon's is 027): monitors and init scripts
+            # running as other users read the pid. Only after the checks: never on a file
+            # that is not ours.
+            os.fchmod(fd, PIDFILE_MODE)
         except BaseException:
             os.close(fd)
             raise

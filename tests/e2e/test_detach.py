@@ -63,6 +63,7 @@ def test_detaches_writes_locked_pidfile_and_removes_it(short_tmp: Path) -> None:
     assert result.returncode == 0, result.stderr
     pid = int(pidfile.read_text())
     assert Path(f"/proc/{pid}").exists()
+    assert oct(pidfile.stat().st_mode & 0o7777) == oct(0o644)  # despite the daemon's umask 027
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     assert int(stat[1]) != os.getpid()  # re-parented: not our child
     assert int(stat[3]) != os.getsid(0)  # a session of its own: no controlling terminal
@@ -82,10 +83,12 @@ def test_stale_pidfile_is_replaced(short_tmp: Path) -> None:
     """A pid file left by a dead process (no lock held) does not block a start."""
     pidfile = short_tmp / "sockd.pid"
     pidfile.write_text("999999\n")
+    pidfile.chmod(0o600)
     result = sockd("--daemon", "--pidfile", str(pidfile), "--config", str(config_file(short_tmp)))
     assert result.returncode == 0, result.stderr
     pid = int(pidfile.read_text())
     assert pid != 999999
+    assert oct(pidfile.stat().st_mode & 0o7777) == oct(0o644)
     os.kill(pid, signal.SIGTERM)
     assert wait_gone(pid)
 
@@ -115,9 +118,24 @@ def test_stdout_logging_is_refused_when_detaching(short_tmp: Path) -> None:
     """Logs to stdout would vanish after detaching: that config is refused with exit 78."""
     path = short_tmp / "o.toml"
     path.write_text(f'[control]\nsocket = "{short_tmp}/c.sock"\n')
-    result = sockd("--daemon", "--config", str(path))
+    result = sockd("--daemon", "--pidfile", str(short_tmp / "p.pid"), "--config", str(path))
     assert result.returncode == 78
     assert "logging.output" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--daemon"], "sockd: --daemon needs --pidfile PATH (e.g. /run/sockd.pid)"),
+        (["--pidfile", "x.pid"], "sockd: --pidfile goes with --daemon"),
+    ],
+)
+def test_daemon_and_pidfile_go_together(short_tmp: Path, args: list[str], expected: str) -> None:
+    """--daemon without --pidfile (or the reverse) is a one-line usage error, exit 2, before
+    the config is read and before anything starts."""
+    result = sockd(*args, "--config", str(short_tmp / "missing.toml"))
+    assert (result.returncode, result.stderr, result.stdout) == (2, expected + "\n", "")
+    assert list(short_tmp.iterdir()) == []
 
 
 def test_detached_daemon_reloads_a_relative_config_path(short_tmp: Path) -> None:
