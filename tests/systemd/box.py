@@ -212,6 +212,10 @@ class Box:
     at the same place) or ``(host_path, box_path)``. The project and the venv are always
     bound read-only. Units can be bound at boot (``binds_ro=[(file, "/etc/systemd/system/x")]``)
     or installed later with ``install_unit``/``install_unit_file``.
+    ``tmpfs``: box paths to mount an empty writable tmpfs on (mode 0755), e.g.
+    ``"/usr/local"`` for a test that installs there: the box's ``/usr`` is the host's,
+    read-only. (``/opt``, ``/srv`` and the rest of the root are writable already: the root
+    is a tmpfs.)
     """
 
     def __init__(
@@ -220,6 +224,7 @@ class Box:
         *,
         binds_ro: Iterable[BindSpec] = (),
         binds: Iterable[BindSpec] = (),
+        tmpfs: Iterable[str] = (),
         boot_timeout: float = 30.0,
         stop_timeout: float = 15.0,
     ) -> None:
@@ -228,6 +233,7 @@ class Box:
             raise ValueError(f"{self.name!r} is not a usable machine name")
         ro = [PROJECT, *(() if VENV.is_relative_to(PROJECT) else (VENV,)), *binds_ro]
         self._binds = [("--bind-ro", spec) for spec in ro] + [("--bind", spec) for spec in binds]
+        self._tmpfs = list(tmpfs)
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
         self.workdir: Path | None = None
@@ -308,6 +314,7 @@ class Box:
         for option, spec in self._binds:
             source, target = spec if isinstance(spec, tuple) else (spec, spec)
             argv.append(f"{option}={source}:{target}")
+        argv += [f"--tmpfs={path}:mode=0755" for path in self._tmpfs]
         argv += ["--", "systemd.firstboot=off"]
         if _host_runs_systemd():
             argv = [

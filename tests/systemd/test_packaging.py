@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
-from .box import PACKAGING
+import pytest
+
+from .box import PACKAGING, PROJECT
 
 SYSTEMD = PACKAGING / "systemd"
+#: Where scripts/install.sh puts README.md and docs/ (the units' Documentation= links).
+DOC_DIR = "/usr/local/share/doc/sockd/"
 # Keys that legitimately differ per instance in sockd@.service.
 PER_INSTANCE = {"Description", "ExecStart", "ExecReload", "RuntimeDirectory", "SyslogIdentifier"}
 
@@ -88,3 +94,35 @@ def test_stop_timeout_exceeds_shutdown_timeout() -> None:
     (stop,) = service["TimeoutStopSec"]
     assert re.fullmatch(r"\d+", stop)
     assert int(stop) > config.defaults().server.shutdown_timeout
+
+
+def test_units_link_the_docs_install_sh_installs() -> None:
+    """Every unit's Documentation= links name files under the install script's doc
+    directory that exist in the checkout (the install test checks them in place)."""
+    install = (PROJECT / "scripts" / "install.sh").read_text()
+    assert f"DOCDIR={DOC_DIR.rstrip('/')}" in install
+    for unit in sorted(SYSTEMD.iterdir()):
+        links = [
+            link
+            for value in settings(unit, "Unit").get("Documentation", [])
+            for link in value.split()
+        ]
+        assert links, f"{unit.name} has no Documentation="
+        for link in links:
+            assert link.startswith(f"file:{DOC_DIR}"), link
+            assert (PROJECT / link.removeprefix(f"file:{DOC_DIR}")).is_file(), link
+
+
+@pytest.mark.parametrize("script", ["install.sh", "uninstall.sh"])
+def test_install_scripts_pass_shellcheck(script: str) -> None:
+    """scripts/install.sh and uninstall.sh have no shellcheck findings."""
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    result = subprocess.run(
+        ["shellcheck", PROJECT / "scripts" / script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
