@@ -15,7 +15,8 @@ fi
 
 # System tools some tests drive: systemd-nspawn (real systemd), curl (control API as
 # documented), logrotate (run inside the systemd box, which shares the host's /usr),
-# setpriv/nsenter (util-linux: tests acting as other users), groupadd/useradd (passwd).
+# setpriv/nsenter (util-linux: tests acting as other users), groupadd/useradd (passwd),
+# shellcheck (install.sh and uninstall.sh are linted by a test).
 # Installed only where we are root with apt; tests skip with a reason otherwise.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   need=""
@@ -24,6 +25,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   command -v logrotate >/dev/null 2>&1 || [ -x /usr/sbin/logrotate ] || need="$need logrotate"
   command -v setpriv >/dev/null 2>&1 || need="$need util-linux"
   command -v useradd >/dev/null 2>&1 || [ -x /usr/sbin/useradd ] || need="$need passwd"
+  command -v shellcheck >/dev/null 2>&1 || need="$need shellcheck"
   if [ -n "$need" ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
