@@ -339,8 +339,8 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            _connect_waiting(sock, self.socket_path, self.timeout)
             sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
         except BaseException:
             sock.close()
             raise
@@ -350,6 +350,28 @@ class UnixHTTPConnection(http.client.HTTPConnection):
         # socket: whoever must change its timeout later (a log follow) uses this.
         self.unix_sock = sock
         self.peer_pid, self.peer_uid = _peer_cred(sock)
+
+
+def _connect_waiting(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """Connect, waiting up to ``timeout`` seconds for room in a full listen backlog.
+
+    ``settimeout`` would make the connect non-blocking, and a Unix socket whose backlog
+    is full then fails at once with ``EAGAIN``: a daemon busy for an instant (or flooded
+    by other users' connections) would look like one that is not running. A blocking
+    connect sleeps in the kernel until the daemon accepts and there is room, bounded by
+    ``SO_SNDTIMEO``; past that it fails with ``EAGAIN``, which ``_connect_error`` reports
+    as a daemon that did not answer (exit 1), never as "not running" (exit 3).
+    """
+    bounded = isinstance(timeout, int | float) and timeout > 0
+    if bounded and timeout is not None:
+        seconds = int(timeout)
+        # A zero timeval would mean "wait for ever": at least one microsecond.
+        micros = max(int((timeout - seconds) * 1_000_000), 0 if seconds else 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", seconds, micros))
+    sock.settimeout(None)  # blocking: what makes the kernel wait for room
+    sock.connect(path)
+    if bounded:  # from here on the socket's own timeout (settimeout) bounds every wait
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 0, 0))
 
 
 def _peer_cred(sock: socket.socket) -> tuple[int | None, int | None]:
@@ -397,7 +419,7 @@ def directory_owner_vouched_by_root(path: str) -> int | None:
     return own.info.st_uid
 
 
-def _connect_error(path: str, exc: OSError) -> SockctlError:
+def _connect_error(path: str, exc: OSError, timeout: float | None = None) -> SockctlError:
     """Name what went wrong reaching the socket, always with the path tried."""
     if isinstance(exc, PermissionError):
         return PermissionDenied(
@@ -413,8 +435,14 @@ def _connect_error(path: str, exc: OSError) -> SockctlError:
         if kind is not None:
             return NotASocket(path, kind)
         return NotRunning(path, "nothing is listening on the control socket")
-    if isinstance(exc, TimeoutError):
-        return NoAnswer(f"sockd at {path} did not accept the connection in time")
+    if isinstance(exc, TimeoutError | BlockingIOError) or exc.errno == errno.EAGAIN:
+        # A listener whose backlog stayed full for the whole timeout: sockd is there
+        # (busy, or flooded by other clients' connections), it just did not take ours.
+        within = f" within {timeout:g}s" if timeout else " in time"
+        return NoAnswer(
+            f"sockd at {path} did not answer: its control socket accepted no connection"
+            f"{within} (busy, or flooded with connections by other clients)"
+        )
     reason = exc.strerror or str(exc)
     return NotRunning(path, f"cannot connect: {reason}")
 
@@ -594,7 +622,7 @@ class ControlClient:
             try:
                 conn.connect()
             except OSError as exc:
-                raise _connect_error(self.path, exc) from None
+                raise _connect_error(self.path, exc, self.timeout) from None
             self.peer_pid = conn.peer_pid
             if method != "GET":
                 self._check_daemon(conn.peer_uid, method, target)
@@ -604,8 +632,8 @@ class ControlClient:
                 payload = json.dumps(body).encode()
                 headers["Content-Type"] = "application/json"
             elif method != "GET":
-                # Say "no body" outright: without a length the daemon waits a moment
-                # to see whether body bytes follow (it answers those with 411).
+                # Say "no body" outright: the daemon answers a POST, PUT or DELETE
+                # without Content-Length with 411 (it never guesses whether one follows).
                 headers["Content-Length"] = "0"
             try:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):

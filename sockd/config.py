@@ -387,6 +387,9 @@ class Setting:
     dump: Callable[[Any], Any] = _plain
     #: A relative path is taken from the config file's directory.
     file_path: bool = False
+    #: Its value may hold secrets (passwords, DSNs): ``redact`` hides it wherever the
+    #: control API shows setting values to someone not trusted with them.
+    secret: bool = False
 
     @property
     def section(self) -> str:
@@ -410,6 +413,7 @@ def _declare(
     example: Any = None,
     dump: Callable[[Any], Any] = _plain,
     file_path: bool = False,
+    secret: bool = False,
 ) -> dict[str, Setting]:
     """The ``field(metadata=...)`` that makes a section dataclass's field a config key.
 
@@ -419,7 +423,7 @@ def _declare(
     ("section.field") comes from where the field sits, so it is not written twice; the
     field stays required, so building a section by hand must name every value.
     """
-    return {_SETTING: Setting("", default, parse, doc, live, example, dump, file_path)}
+    return {_SETTING: Setting("", default, parse, doc, live, example, dump, file_path, secret)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,6 +459,8 @@ class ServerConfig:
             "Free-form table handed to the handler as self.options (sockd-aware handlers, "
             "e.g. JSONActionHandler's max_line_bytes).",
             example={"max_line_bytes": 65536},
+            # Handlers are given passwords and DSNs here: readers see only the keys.
+            secret=True,
         )
     )
     request_queue_size: int = field(
@@ -851,6 +857,39 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: What is shown instead of a secret setting's value (or of each value of a secret table).
+REDACTED = "<redacted>"
+
+
+def redact(key: str, shown: Any) -> Any:
+    """``key``'s value as dumped (``Setting.dump``), as someone not trusted with secrets
+    may see it: unchanged unless the setting is declared ``secret``. A secret table
+    keeps its keys (which options are set is not the secret), each value replaced."""
+    setting = SETTINGS_BY_KEY.get(key)
+    if setting is None or not setting.secret:
+        return shown
+    if isinstance(shown, Mapping):
+        return dict.fromkeys(shown, REDACTED)
+    return REDACTED
+
+
+def redact_config(config: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``to_dict``'s shape with every secret setting's value ``redact``-ed."""
+    return {
+        section: {name: redact(f"{section}.{name}", value) for name, value in table.items()}
+        for section, table in config.items()
+    }
+
+
+def redact_changes(changes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``Change.as_dict`` entries with the old and new values of secret settings hidden."""
+    return [
+        {**change, "old": redact(key, change["old"]), "new": redact(key, change["new"])}
+        for change in changes
+        for key in (str(change["key"]),)
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     key: str
@@ -858,7 +897,8 @@ class Change:
     new: Any
 
     def as_dict(self) -> dict[str, Any]:
-        """Old and new written as GET /v1/config shows them."""
+        """Old and new written as GET /v1/config shows them (secrets included: see
+        ``redact_changes`` for what others may see)."""
         dump = SETTINGS_BY_KEY[self.key].dump
         return {"key": self.key, "old": dump(self.old), "new": dump(self.new)}
 

@@ -29,8 +29,9 @@ Request bodies are JSON objects; unknown fields are refused (400) so that a typo
 as ``{"timout": 5}`` fails loudly instead of being ignored. Every number has a range
 (``sockd.protocol``: stop timeout 0..86400 s, connection id 0..2**63-1, logs n
 0..100000); anything else, including a finite float past it, is a 400. A body must
-come with ``Content-Length``: ``Transfer-Encoding``, or bytes following the head of a
-``POST``/``PUT``/``DELETE`` that has none, is ``411 length_required``, never guessed.
+come with ``Content-Length``, and every ``POST``/``PUT``/``DELETE`` must send one (``0``
+for no body): ``Transfer-Encoding``, or no length, is ``411 length_required``. Nothing
+is guessed from whether or when bytes follow the head.
 
 Every error is ``{"error": {"code": CODE, "message": TEXT}}`` (``details`` for a
 rejected reload) with the status ``docs/control-api.md`` lists for the code; the codes
@@ -44,7 +45,9 @@ traffic is tiny.
 Access (``SO_PEERCRED``, checked in the accept loop before a thread is spent): root,
 the daemon's own uid and members of ``control.group`` may use everything (role
 ``all``); members of ``control.read_group`` only ``GET`` (role ``read``), and their
-``GET /v1/config`` has ``server.handler_options`` values redacted; anyone else gets an
+``GET /v1/config`` shows the values of settings declared secret (``server.handler_options``)
+as ``"<redacted>"`` (``sockd.config.redact``; ``GET /v1/status``'s ``last_reload`` hides
+them from every role, the daemon records it so); anyone else gets an
 immediate ``403 forbidden`` and the connection is closed, counted in a rate-limited
 ``control.denied`` line. Each role has its own budget of concurrent connections
 (``CONNECTION_BUDGET``) and of log followers (``FOLLOWER_BUDGET``): readers cannot take
@@ -88,7 +91,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit
 
 from sockd import __version__
-from sockd.config import ControlConfig
+from sockd.config import REDACTED, ControlConfig, redact_config
 from sockd.errors import ControlError
 from sockd.protocol import (
     API_PREFIX,
@@ -128,14 +131,8 @@ CLOSE_GRACE: Final = 2.0
 #: Log streaming polls the subscription this often, so a vanished client or a closing
 #: server is noticed within this many seconds even when no event arrives.
 FOLLOW_POLL: Final = 1.0
-#: A ``POST``/``PUT``/``DELETE`` without ``Content-Length`` has no body only if no byte
-#: follows its head within this many seconds (or the client half-closes): ``curl -X
-#: POST`` sends neither a length nor a body, and must not wait for our deadline.
-BODY_GRACE: Final = 0.1
 #: Denials and 503s are logged as one line per this many seconds at most.
 REFUSAL_LOG_EVERY: Final = 1.0
-#: What a reader sees instead of each ``server.handler_options`` value (passwords, DSNs).
-REDACTED: Final = "<redacted>"
 
 _REQUEST_LINE_LIMIT = 8 * 1024
 _LISTEN_BACKLOG = 128
@@ -147,7 +144,7 @@ _BATCH = 500
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _JSON = "application/json"
-#: Methods whose requests may carry a body: without Content-Length, none may follow.
+#: Methods that must say ``Content-Length`` (0 for no body): else ``411``, never a guess.
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "DELETE"})
 _NDJSON = "application/x-ndjson"
 _METRICS = "text/plain; version=0.0.4; charset=utf-8"
@@ -232,7 +229,9 @@ class ControlBackend(Protocol):
 
     def log_history(self, n: int, min_level: str) -> list[dict[str, Any]]: ...
 
-    def log_subscribe(self, min_level: str) -> LogSubscription: ...
+    def log_subscribe(self, min_level: str) -> LogSubscription:
+        """A live feed; ``RuntimeError`` (exactly) when its thread cannot start now."""
+        ...
 
 
 # --------------------------------------------------------------------------- access
@@ -370,10 +369,6 @@ class _RequestTimeoutError(Exception):
     """The request was not in by its deadline (not an ``OSError``: see ``handle``)."""
 
 
-class _ProbeTimeoutError(Exception):
-    """No byte arrived within a probe's short window (see ``_DeadlineReader.probe``)."""
-
-
 def _json_bytes(value: Any) -> bytes:
     return (json.dumps(value, separators=(",", ":"), default=str) + "\n").encode()
 
@@ -423,38 +418,22 @@ class _DeadlineReader(io.RawIOBase):
         self._sock = sock
         self.deadline = deadline
         self.budget = budget
-        self._probe_until: float | None = None
 
     def readable(self) -> bool:
         return True
 
-    @contextlib.contextmanager
-    def probe(self, window: float) -> Any:
-        """Within this block a read waits at most ``window`` s, then raises
-        ``_ProbeTimeoutError`` (a missing byte is then an answer, not a slow client)."""
-        self._probe_until = time.monotonic() + window
-        self.budget += 1  # one byte is enough to know, even after a head at the limit
-        try:
-            yield
-        finally:
-            self._probe_until = None
-
     def readinto(self, buffer: WriteableBuffer) -> int:
         if self.budget <= 0:
             raise _HeadTooLargeError
-        now = time.monotonic()
-        remaining = self.deadline - now
+        remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise _RequestTimeoutError
-        probing = self._probe_until is not None and self._probe_until - now < remaining
-        if probing and self._probe_until is not None:
-            remaining = max(0.0, self._probe_until - now)
         self._sock.settimeout(remaining)
         with memoryview(buffer) as view:
             try:
                 count = self._sock.recv_into(view, min(view.nbytes, self.budget))
             except TimeoutError:
-                raise (_ProbeTimeoutError if probing else _RequestTimeoutError) from None
+                raise _RequestTimeoutError from None
         self.budget -= count
         return count
 
@@ -574,23 +553,12 @@ def _close_connection(backend: ControlBackend, request: _Request) -> _Answer:
 
 
 def _config(backend: ControlBackend, request: _Request) -> _Answer:
-    config = backend.effective_config()
-    return _ok(config if request.role == "all" else _redacted(config))
-
-
-def _redacted(answer: dict[str, Any]) -> dict[str, Any]:
-    """The config answer with every ``server.handler_options`` value replaced.
-
-    The keys stay (a reader can see which options are set); the values are what
-    handlers are given secrets in (passwords, DSNs), readable by admins only.
-    """
+    answer = backend.effective_config()
     config = answer.get("config")
-    server = config.get("server") if isinstance(config, dict) else None
-    options = server.get("handler_options") if isinstance(server, dict) else None
-    if not isinstance(config, dict) or not isinstance(server, dict) or not options:
-        return answer
-    hidden = dict.fromkeys(options, REDACTED) if isinstance(options, dict) else REDACTED
-    return {**answer, "config": {**config, "server": {**server, "handler_options": hidden}}}
+    if request.role == "all" or not isinstance(config, dict):
+        return _ok(answer)
+    # Secret settings (declared ``secret``: server.handler_options) are for admins.
+    return _ok({**answer, "config": redact_config(config)})
 
 
 def _reload(backend: ControlBackend, request: _Request) -> _Answer:
@@ -857,11 +825,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             )
         values = {v.strip() for v in self.headers.get_all("Content-Length") or []}
         if not values:
-            if method in _BODY_METHODS and self._body_follows():
+            if method in _BODY_METHODS:
+                # Never guessed from what follows the head (nor from its timing): a
+                # ``{"dry_run": true}`` a moment late must not become a real reload.
                 raise _HTTPError(
                     ErrorCode.LENGTH_REQUIRED,
-                    f"a {method} with a body needs a Content-Length header "
-                    "(bytes followed the headers without one)",
+                    f"a {method} needs a Content-Length header: send Content-Length: 0 "
+                    "for no body; with curl: -d '' or --json '{...}'",
                 )
             return 0
         text = values.pop()
@@ -874,19 +844,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 f"request body of {length} bytes exceeds the limit of {MAX_REQUEST_BODY}",
             )
         return length
-
-    def _body_follows(self) -> bool:
-        """Whether a byte follows the head within ``BODY_GRACE`` (EOF or silence: no).
-
-        Without ``Content-Length`` a request has no body (RFC 9112 6.3), yet a client
-        that sent ``{"dry_run": true}`` without one must not get a real reload: what it
-        sent is refused with 411 instead of being ignored.
-        """
-        try:
-            with self.reader.probe(BODY_GRACE):
-                return bool(self.buffered.peek(1))
-        except _ProbeTimeoutError:
-            return False
 
     def _read_body(self, length: int) -> dict[str, Any]:
         if length and self.headers.get("Expect", "").lower() == "100-continue":
@@ -994,7 +951,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 "end one (or read without follow=1) and retry",
             )
         subscription = (
-            self._call(lambda: backend.log_subscribe(stream.level)) if stream.follow else None
+            self._call(lambda: self._subscribe(backend, stream.level)) if stream.follow else None
         )
         try:
             history = self._call(lambda: backend.log_history(stream.n, stream.level))
@@ -1027,6 +984,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         finally:
             if subscription is not None:
                 self._call(subscription.close)
+
+    def _subscribe(self, backend: ControlBackend, level: str) -> LogSubscription:
+        """``backend.log_subscribe``; a feed whose thread cannot start is a 503, not a 500."""
+        try:
+            return backend.log_subscribe(level)
+        except RuntimeError as exc:
+            if type(exc) is not RuntimeError:  # RecursionError, NotImplementedError: bugs
+                raise
+            # What threading raises at the process's thread limit (RLIMIT_NPROC,
+            # pids.max): nothing was subscribed, and a later follow may succeed.
+            self.owner._busy.record(self.role, reason="threads", role=self.role, **self._context())
+            raise _HTTPError(
+                ErrorCode.UNAVAILABLE, "cannot start a thread now for the log stream; try again"
+            ) from None
 
     def _follow(self, subscription: LogSubscription, emit: Callable[[list[bytes]], None]) -> None:
         # Registered for no events, poll() still reports POLLHUP/POLLERR, which on a Unix
@@ -1306,14 +1277,66 @@ def _ensure_directory(path: str, parent: str) -> None:
     if _check_directory(path):
         return
     try:
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        # makedirs' mode is filtered by the umask; 0755 lets group members reach the socket
-        os.chmod(parent, 0o755)  # noqa: S103 -- see above: traversable on purpose
+        _make_directories(parent)
     except OSError as exc:
         raise ControlError(
             f"cannot create control socket directory {parent}: {exc.strerror}"
         ) from None
-    _check_directory(path)
+    if not _check_directory(path):
+        raise ControlError(
+            f"cannot create control socket directory {parent}: not there after creating it"
+        )
+
+
+def _make_directories(parent: str) -> None:
+    """Create the missing directories of ``parent``, mode 0755, following no new symlink.
+
+    The existing part was just judged by ``_check_directory``. Each missing component is
+    made with ``mkdir`` relative to a descriptor of the one above, then opened with
+    ``O_NOFOLLOW`` and given its mode through that descriptor: if another user (in a
+    sticky directory such as ``/tmp``) gets there first with a symlink or a directory of
+    their own, it is refused and nothing is changed through it (``makedirs`` and
+    ``chmod`` by path would follow the link and change its target).
+    """
+    existing, missing = parent, list[str]()
+    while not os.path.lexists(existing):
+        existing, name = os.path.split(existing)
+        missing.insert(0, name)
+    fd = os.open(existing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in missing:
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
+                created = True
+            except FileExistsError:
+                created = False  # made since we looked: judged below like any other
+            try:
+                child = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise ControlError(
+                    f"refusing to create control socket directory {parent}: "
+                    f"{os.path.join(existing, name)} appeared as a symlink or a file, not "
+                    "a directory (another user racing us?)"
+                ) from None
+            os.close(fd)
+            fd = child
+            existing = os.path.join(existing, name)
+            info = os.fstat(fd)
+            if info.st_uid not in (0, os.geteuid()):
+                raise ControlError(
+                    f"refusing to create control socket directory {parent}: {existing} "
+                    f"appeared, owned by {_who(info.st_uid)} (another user racing us?)"
+                )
+            if created:
+                # mkdir's mode is filtered by the umask; 0755 lets group members (and
+                # others the socket's own mode admits) reach the socket.
+                os.fchmod(fd, 0o755)
+    finally:
+        os.close(fd)
 
 
 def _who(uid: int) -> str:
@@ -1370,7 +1393,14 @@ def _set_access(
     through ``/proc/self/fd``, which names that very inode: whatever happens at
     ``path`` afterwards, nothing else is touched. (``fchmod`` on the socket's own
     descriptor changes the socket object, not the file it is bound to.)
+
+    All or nothing: a group the daemon cannot give the file (not root, and not a member
+    of it) is refused before anything changes; the group is changed before the mode
+    (a mode meant for a group must never apply to the old one); and if either change
+    fails, the previous mode and group are put back.
     """
+    if gid is not None:
+        _check_can_chown(path, gid)
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         info = os.fstat(fd)
@@ -1382,13 +1412,41 @@ def _set_access(
                 "restart sockd to recreate it"
             )
         by_fd = f"/proc/self/fd/{fd}"
-        if stat.S_IMODE(info.st_mode) != mode:
-            os.chmod(by_fd, mode)
-        if gid is not None and info.st_gid != gid:
-            os.chown(by_fd, -1, gid)
+        old_mode, old_gid = stat.S_IMODE(info.st_mode), info.st_gid
+        try:
+            if gid is not None and old_gid != gid:
+                os.chown(by_fd, -1, gid)
+            if old_mode != mode:
+                os.chmod(by_fd, mode)
+        except BaseException:
+            # Mode first: while the old group is back, the new mode must not be in force.
+            with contextlib.suppress(OSError):
+                os.chmod(by_fd, old_mode)
+            with contextlib.suppress(OSError):
+                os.chown(by_fd, -1, old_gid)
+            raise
         return os.fstat(fd)
     finally:
         os.close(fd)
+
+
+def _check_can_chown(path: str, gid: int) -> None:
+    """Refuse a group an unprivileged daemon cannot give its socket (EPERM otherwise).
+
+    Only root (CAP_CHOWN) may give a file a group its owner is not in; the daemon's own
+    groups are its effective gid and its supplementary groups.
+    """
+    if os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups():
+        return
+    try:
+        name = f"{grp.getgrgid(gid).gr_name!r} (gid {gid})"
+    except KeyError:
+        name = f"gid {gid}"
+    raise ControlError(
+        f"cannot give control socket {path} the group {name}: sockd runs as "
+        f"{_who(os.geteuid())}, which is not a member of it (only root can); add the "
+        "user to the group, or choose one of its groups"
+    )
 
 
 def _refuse_if_taken(path: str) -> None:
@@ -1753,7 +1811,6 @@ def _stop_serving(server: _ControlHTTPServer, thread: threading.Thread | None) -
 
 
 __all__ = [
-    "BODY_GRACE",
     "CLOSE_GRACE",
     "CONNECTION_BUDGET",
     "FOLLOWER_BUDGET",

@@ -39,7 +39,7 @@ from typing import Any, Final
 import structlog
 
 from sockd import __version__, metrics, systemd
-from sockd.config import Address, Config, diff, load, to_dict
+from sockd.config import Address, Config, diff, load, redact_changes, to_dict
 from sockd.control import BackendConflict, BackendUnavailable, ControlServer, ReloadOutcome
 from sockd.errors import ConfigError, ControlError, StartupError
 from sockd.logs import LogSystem, PreparedLogging, Subscription
@@ -113,11 +113,13 @@ class ReloadRecord:
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """As ``GET /v1/status`` shows it to every role: secret settings' values hidden
+        (an admin reads them in ``GET /v1/config`` or the reload's own answer)."""
         return {
             "at": _iso(self.at),
             "result": self.result,
             "generation": self.generation,
-            "changes": self.changes,
+            "changes": redact_changes(self.changes),
             "errors": self.errors,
         }
 

@@ -507,20 +507,30 @@ class LogRing:
         return [_plain(e) for e in picked[-n:]] if n else []
 
     def subscribe(self, min_level: str = "debug") -> Subscription:
+        """A new follower, fed by the fan-out thread (started now if none runs).
+
+        Raises ``RuntimeError`` when that thread cannot start (the process is at its
+        thread limit, RLIMIT_NPROC or pids.max): then nothing changed, no follower is
+        left registered, and a later call tries again.
+        """
         sub = Subscription(self, level_number(min_level))
         with self._lock:
-            self._subscribers.append(sub)
-            self._reshape()
             if self._fan_out_thread is None:
                 # It starts from here, not from whenever the thread first runs: an
-                # event logged right after this call must reach this follower.
-                self._fan_out_thread = threading.Thread(
+                # event logged right after this call must reach this follower. Started
+                # before it is published (the thread waits for this lock before it
+                # reads anything): a thread that failed to start must never be taken
+                # for a running one, or no follower would get an event again.
+                thread = threading.Thread(
                     target=self._fan_out,
                     args=(self._appended, dict(self._counts)),
                     name="sockd-log-fanout",
                     daemon=True,
                 )
-                self._fan_out_thread.start()
+                thread.start()
+                self._fan_out_thread = thread
+            self._subscribers.append(sub)
+            self._reshape()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

@@ -14,9 +14,12 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,14 @@ import pytest
 
 from bench.procstat import rss_kb
 from sockd.protocol import MAX_STOP_TIMEOUT
-from tests.conftest import DEADLINE, SockdProcess, base_config, connect, recv_exactly
+from tests.conftest import (
+    DEADLINE,
+    SockdProcess,
+    base_config,
+    connect,
+    recv_exactly,
+    render_config,
+)
 from tests.e2e.test_control_e2e import SOCKCTL, ctl, ctl_json, sockctl
 from tests.integration.test_control import CLIENT_PYTHON
 from tests.integration.test_control_hardening import hold
@@ -137,6 +147,79 @@ def test_root_can_status_reload_and_stop_while_a_reader_and_a_stranger_hold_all_
     assert sum(e["count"] for e in busy) == 168 and len(busy) <= 4, busy
     assert sum(e["count"] for e in denied) == 200 and len(denied) <= 4, denied
     assert {e.get("reason") for e in busy if not e.get("summary")} == {"connections"}
+
+
+# Run as a stranger: connects without blocking until the backlog is full (EAGAIN), says
+# how many it holds, then holds them until its stdin closes.
+FILL_BACKLOG = r"""
+import socket, sys
+held = []
+while True:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(sys.argv[1])
+    except BlockingIOError:
+        break
+    held.append(sock)
+print(len(held), flush=True)
+sys.stdin.readline()
+"""
+
+
+def wait_blocked_in_connect(proc: subprocess.Popen[str]) -> None:
+    """Wait until ``proc`` sleeps in the kernel waiting for room in a Unix backlog."""
+    wchan = Path(f"/proc/{proc.pid}/wchan")
+    deadline = time.monotonic() + DEADLINE
+    while wchan.read_text() != "unix_wait_for_peer":
+        assert proc.poll() is None, f"sockctl did not wait: {proc.communicate()}"
+        assert time.monotonic() < deadline, f"sockctl never waited for room ({wchan.read_text()})"
+        time.sleep(0.01)  # sleep-ok: poll period of a deadline-bound wait on /proc
+
+
+def test_a_stranger_filling_the_backlog_does_not_make_root_see_not_running(
+    sockd_factory: Callable[..., SockdProcess], short_tmp: Path, nobody: pwd.struct_passwd
+) -> None:
+    """While sockd cannot accept (SIGSTOP) a stranger fills its control backlog; root's
+    ``sockctl status`` waits for room instead of exiting 3 "not running", and gets the
+    status once sockd resumes and turns the stranger away."""
+    proc, _ = start_shared(sockd_factory, short_tmp)
+    sock_path = str(short_tmp / "ctl.sock")
+    if not Path(f"/proc/{os.getpid()}/wchan").exists():
+        pytest.skip("/proc/PID/wchan is not available: cannot see sockctl wait for room")
+    proc.signal(signal.SIGSTOP)
+    filler = subprocess.Popen(
+        [str(CLIENT_PYTHON), "-I", "-c", FILL_BACKLOG, sock_path],
+        user=nobody.pw_uid,
+        group=nobody.pw_gid,
+        extra_groups=[],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert filler.stdout is not None
+        assert int(filler.stdout.readline()) > 0
+        assert SOCKCTL is not None
+        with subprocess.Popen(
+            [SOCKCTL, "--socket", sock_path, "--json", "--timeout", "20", "status"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        ) as status:
+            try:
+                wait_blocked_in_connect(status)
+            finally:
+                proc.signal(signal.SIGCONT)
+            out, err = status.communicate(timeout=DEADLINE)
+        assert status.returncode == 0, err
+        assert json.loads(out)["state"] == "running"
+    finally:
+        proc.signal(signal.SIGCONT)
+        filler.communicate("\n", timeout=DEADLINE)
+    assert sum(e["count"] for e in proc.wait_count("control.denied", 1)) >= 1
 
 
 # --------------------------------------------------------------------------- item 2: followers
@@ -296,7 +379,8 @@ def test_out_of_range_numbers_are_refused_by_sockctl_and_by_the_daemon(
         status, answer = raw(sock_path, request)
         assert status == 400, answer
         assert "from 0 to 86400" in answer["error"]["message"]
-    status, answer = raw(sock_path, b"DELETE /v1/connections/9223372036854775808 HTTP/1.1\r\n\r\n")
+    delete = b"DELETE /v1/connections/9223372036854775808 HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+    status, answer = raw(sock_path, delete)
     assert status == 400 and "from 0 to 9223372036854775807" in answer["error"]["message"]
     with connect(address) as sock:  # the data plane is untouched
         sock.sendall(b"ping\n")
@@ -312,19 +396,30 @@ def test_out_of_range_numbers_are_refused_by_sockctl_and_by_the_daemon(
 def test_a_dry_run_body_without_length_is_411_and_nothing_is_reloaded(
     sockd_factory: Callable[..., SockdProcess], short_tmp: Path
 ) -> None:
-    """``{"dry_run": true}`` sent without Content-Length gets 411: no reload, no dry run;
-    a POST with no body and no length (curl -X POST) still reloads."""
+    """``{"dry_run": true}`` without Content-Length, at once or after the 411 came back
+    (the reviewer's late body), is a 411: no reload, no dry run, the generation stays;
+    a POST with neither length nor body (curl -X POST) is a 411 too; Content-Length: 0
+    reloads."""
     proc = sockd_factory(base_config(short_tmp))
     proc.wait_ready()
     proc.wait_for("control.listening")
+    sock_path = short_tmp / "ctl.sock"
     generation = ctl_json(short_tmp, "status")["generation"]
-    status, answer = raw(
-        short_tmp / "ctl.sock", b'POST /v1/reload HTTP/1.1\r\nHost: x\r\n\r\n{"dry_run": true}'
-    )
-    assert status == 411 and answer["error"]["code"] == "length_required"
+    head = b"POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
+    for request in (head + b'{"dry_run": true}', head):
+        status, answer = raw(sock_path, request)
+        assert status == 411 and answer["error"]["code"] == "length_required"
+        assert "send Content-Length: 0 for no body" in answer["error"]["message"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(DEADLINE)
+        sock.connect(str(sock_path))
+        sock.sendall(head)
+        assert sock.recv(12) == b"HTTP/1.1 411"
+        with contextlib.suppress(OSError):
+            sock.sendall(b'{"dry_run": true}')
     assert ctl_json(short_tmp, "status")["generation"] == generation
-    assert proc.all("reload.applied") == []
-    status, answer = raw(short_tmp / "ctl.sock", b"POST /v1/reload HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert proc.all("reload.applied") == [] and proc.all("reload.rejected") == []
+    status, answer = raw(sock_path, head.replace(b"\r\n\r\n", b"\r\nContent-Length: 0\r\n\r\n"))
     assert (status, answer["result"], answer["generation"]) == (200, "applied", generation + 1)
 
 
@@ -349,6 +444,85 @@ def test_readers_see_handler_options_redacted(
     assert "s3cret" not in reader.stdout and "pw@db" not in reader.stdout
     mine = ctl_json(short_tmp, "config")["config"]["server"]["handler_options"]
     assert mine == {"password": "s3cret", "dsn": "postgres://u:pw@db/x"}
+
+
+def test_status_after_a_reload_of_handler_options_shows_no_secret(
+    sockd_factory: Callable[..., SockdProcess],
+    short_tmp: Path,
+    nobody: pwd.struct_passwd,
+    read_gid: int,
+) -> None:
+    """After a reload that changed handler_options, a reader's ``sockctl --json status``
+    (and root's) shows the change in last_reload with its keys but no old or new value;
+    the reload's own answer still shows root the values."""
+    config = base_config(short_tmp, handler="tests.handlers:Options")
+    config["server"]["handler_options"] = {"password": "0ld-s3cret"}
+    config["control"].update(mode="0666", read_group=READ_GROUP)
+    proc = sockd_factory(config)
+    proc.wait_ready()
+    proc.wait_for("control.listening")
+    config["server"]["handler_options"] = {"password": "n3w-s3cret", "dsn": "pg://u:pw@db"}
+    proc.config_path.write_text(render_config(config))
+    reload = ctl_json(short_tmp, "reload")
+    new = {"password": "n3w-s3cret", "dsn": "pg://u:pw@db"}
+    change = {"key": "server.handler_options", "old": {"password": "0ld-s3cret"}, "new": new}
+    assert change in reload["changes"]
+    reader = ctl(short_tmp, "--json", "status", prefix=as_user(nobody, [read_gid]))
+    assert reader.returncode == 0, reader.stderr
+    for shown in (reader.stdout, json.dumps(ctl_json(short_tmp, "status"))):
+        assert "s3cret" not in shown and "pw@db" not in shown, shown
+        changes = json.loads(shown)["last_reload"]["changes"]
+        (change,) = [c for c in changes if c["key"] == "server.handler_options"]
+        assert change["old"] == {"password": "<redacted>"}
+        assert change["new"] == {"password": "<redacted>", "dsn": "<redacted>"}
+    assert "s3cret" not in ctl(short_tmp, "status", prefix=as_user(nobody, [read_gid])).stdout
+
+
+# --------------------------------------------------------------------------- socket mode on reload
+
+
+def test_a_reload_to_a_group_sockd_is_not_in_leaves_the_socket_mode_alone(
+    short_tmp: Path,
+) -> None:
+    """sockd running as an unprivileged uid, socket mode 0600: a reload to mode 0660 with
+    a group it is not in (root) is rejected with a message naming the group, and the
+    socket keeps mode 0600 and its group; sockd serves on."""
+    from tests.e2e.test_lifecycle_hardening import UidSockd
+    from tests.integration.test_control_hardening import unused_uid
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root: runs sockd under a uid of its own")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    from tests.conftest import require_reachable_by_others
+
+    require_reachable_by_others()
+    uid = unused_uid()
+    os.chown(short_tmp, uid, uid)
+    config = base_config(short_tmp)
+    config["control"]["mode"] = "0600"
+    path = short_tmp / "sockd.toml"
+    path.write_text(render_config(config))
+    proc = UidSockd(path, uid)
+    try:
+        proc.wait_ready()
+        proc.wait_for("control.listening")
+        sock_path = short_tmp / "ctl.sock"
+        before = sock_path.stat()
+        assert (stat.S_IMODE(before.st_mode), before.st_uid) == (0o600, uid)
+        config["control"].update(mode="0660", group="root")
+        path.write_text(render_config(config))
+        proc.signal(signal.SIGHUP)
+        rejected = proc.wait_for("reload.rejected")
+        after = sock_path.stat()
+        assert stat.S_IMODE(after.st_mode) == 0o600, f"mode now 0{after.st_mode:o}"
+        assert after.st_gid == before.st_gid
+        assert "group 'root' (gid 0)" in " ".join(rejected["errors"]), rejected
+        assert proc.all("reload.applied") == []
+        proc.signal(signal.SIGTERM)
+        assert proc.wait_exit() == 0
+    finally:
+        proc.kill()
 
 
 # --------------------------------------------------------------------------- item 5: the directory

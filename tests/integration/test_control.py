@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import queue
+import re
 import select
 import shutil
 import socket
@@ -317,6 +318,10 @@ def build(
     head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n{headers}"
     if payload is not None:
         head += f"Content-Length: {len(payload)}\r\n"
+    elif method in ("POST", "PUT", "DELETE") and not re.search(
+        r"^(content-length|transfer-encoding):", headers, re.IGNORECASE | re.MULTILINE
+    ):
+        head += "Content-Length: 0\r\n"  # required, even for no body (else 411)
     return head.encode() + b"\r\n" + (payload or b"")
 
 
@@ -875,8 +880,9 @@ def test_oversized_body_sent_anyway_still_gets_its_answer(ctl: Harness) -> None:
 def test_expect_continue_gets_an_interim_response(ctl: Harness) -> None:
     """A valid request with Expect: 100-continue is invited to send its body."""
     body = json.dumps({"level": "warning"}).encode()
-    raw = build("PUT", "/v1/log-level", None, "Expect: 100-continue\r\n")
-    raw = raw[:-2] + f"Content-Length: {len(body)}\r\n\r\n".encode()
+    raw = build(
+        "PUT", "/v1/log-level", None, f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n"
+    )
     with connect(ctl.path) as sock:
         sock.sendall(raw)
         assert read_head(sock)[0].startswith(b"HTTP/1.1 100 ")

@@ -18,6 +18,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -31,7 +32,7 @@ from sockd import control, logs
 from sockd.control import ControlServer
 from sockd.errors import ControlError
 from sockd.logs import LogRing
-from tests.conftest import require_reachable_by_others
+from tests.conftest import REPO, require_reachable_by_others
 from tests.integration.test_control import (
     CLIENT_PYTHON,
     CONFIG,
@@ -293,6 +294,49 @@ def test_a_trickled_body_is_cut_by_the_deadline_from_accept(
     assert time.monotonic() - started < 3.0
 
 
+def backlog_filled(path: str) -> tuple[socket.socket, list[socket.socket]]:
+    """A socket listening at ``path`` that never accepts, its backlog filled to the brim."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    held = []
+    while True:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        try:
+            client.connect(path)
+        except BlockingIOError:
+            client.close()
+            break
+        held.append(client)
+    return server, held
+
+
+def test_sockctl_waits_for_a_full_backlog_then_says_no_answer_not_not_running(
+    sockdir: str,
+) -> None:
+    """A listener whose backlog stays full (it never accepts) makes ``sockctl --timeout 1
+    status`` wait the whole second, then exit 1 "did not answer", never 3 "not running"."""
+    from tests.e2e.test_control_e2e import SOCKCTL, sockctl
+
+    if SOCKCTL is None:
+        pytest.skip("the sockctl command is not installed (pip install -e .)")
+    path = os.path.join(sockdir, "full.sock")
+    server, held = backlog_filled(path)
+    try:
+        started = time.monotonic()
+        result = sockctl("--socket", path, "--timeout", "1", "status")
+        waited = time.monotonic() - started
+    finally:
+        for sock in held:
+            sock.close()
+        server.close()
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "did not answer" in result.stderr and "within 1s" in result.stderr, result.stderr
+    assert "not running" not in result.stderr
+    assert waited >= 1.0, f"sockctl gave up after {waited:.3f}s instead of waiting"
+
+
 # --------------------------------------------------------------------------- item 2: followers
 
 
@@ -381,6 +425,107 @@ def test_logging_does_no_work_per_follower() -> None:
             sub.close()
 
 
+def unused_uid() -> int:
+    """A uid no account has and no process runs as: RLIMIT_NPROC counts tasks per uid."""
+    taken = {p.pw_uid for p in pwd.getpwall()}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                taken.add(os.stat(f"/proc/{entry}").st_uid)
+    for uid in range(62_000 + os.getpid() % 1000, 65_000):
+        if uid not in taken:
+            return uid
+    pytest.skip("no unused uid found for a thread-limit test")
+
+
+# Run as a uid of its own: lowers its own RLIMIT_NPROC to the one task it is, so the
+# fan-out thread cannot start (a real EAGAIN from clone), then raises it back.
+FOLLOW_AT_THE_THREAD_LIMIT = r"""
+import json, resource, time
+from sockd import logs
+ring = logs.LogRing(100)
+soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+resource.setrlimit(resource.RLIMIT_NPROC, (1, hard))
+try:
+    ring.subscribe("debug")
+    first = "subscribed"
+except RuntimeError as exc:
+    first = "RuntimeError: " + str(exc)
+left = ring.followers
+resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+sub = ring.subscribe("debug")
+ring.add({"event": "after.the.limit", "level": "info"}, logs.INFO)
+parts, deadline = [], time.monotonic() + 5
+while not parts and time.monotonic() < deadline:
+    parts = sub.read(0.5)
+print(json.dumps({"first": first, "left": left, "received": b"".join(parts).decode()}))
+"""
+
+
+def test_a_follower_whose_thread_cannot_start_leaves_nothing_and_the_next_one_is_fed() -> None:
+    """At the thread limit (RLIMIT_NPROC, a real clone failure) subscribing raises and
+    registers nothing; once threads can start again, a new follower receives events."""
+    require_root()
+    require_reachable_by_others()  # this checkout and its virtualenv's python
+    uid = unused_uid()
+    result = subprocess.run(
+        [sys.executable, "-c", FOLLOW_AT_THE_THREAD_LIMIT],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        env={"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "")},
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE * 2,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["first"].startswith("RuntimeError: "), report
+    assert report["left"] == 0, "the failed follower is still registered"
+    assert '"event": "after.the.limit"' in report["received"], report
+
+
+class ThreadLimitBackend(FakeBackend):
+    """A backend whose first log subscription fails as threading does at the limit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail["log_subscribe"] = RuntimeError("can't start new thread")
+
+
+def test_a_follow_whose_thread_cannot_start_is_503_and_a_later_follow_works(
+    make_server: Callable[..., Harness],
+) -> None:
+    """GET /v1/logs?follow=1 when the feed's thread cannot start is a 503 "cannot start a
+    thread" (logged as control.busy, reason threads), not a 500; the next follow streams."""
+    harness = make_server(ThreadLimitBackend())
+    reply = call(harness.path, "GET", "/v1/logs?n=0&follow=1")
+    assert_error(reply, 503, "unavailable")
+    assert "cannot start a thread now" in reply.json["error"]["message"]
+    event = harness.log.wait_for("control.busy")
+    assert (event["reason"], event["role"], event["path"]) == ("threads", "all", "/v1/logs")
+    assert harness.log.named("control.error") == []
+    wait_until(lambda: harness.server.followers == 0, "the failed follower's slot")
+    del harness.backend.fail["log_subscribe"]
+    with connect(harness.path) as sock:
+        sock.sendall(build("GET", "/v1/logs?n=0&follow=1"))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, "the follow ended before its head"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200 ")
+        wait_until(lambda: len(harness.backend.subscriptions) == 1, "the subscription")
+        harness.backend.subscriptions[0].events.put({"event": "later", "level": "info"})
+        data = head
+        while b'"later"' not in data:
+            chunk = sock.recv(4096)
+            assert chunk, "the follow ended before the event"
+            data += chunk
+
+
 # --------------------------------------------------------------------------- item 3: numbers
 
 
@@ -456,32 +601,64 @@ def test_a_body_arriving_just_after_the_head_is_411(ctl_default: Harness) -> Non
     assert ctl_default.backend.called("set_log_level") == []
 
 
-def test_a_post_without_length_or_body_is_answered_at_once(ctl_default: Harness) -> None:
-    """POST /v1/pause with neither Content-Length nor body (curl -X POST) is served after
-    the short grace, without waiting for the request deadline."""
+def test_a_post_without_length_or_body_is_411_at_once(ctl_default: Harness) -> None:
+    """POST /v1/pause with neither Content-Length nor body (curl -X POST) is a 411 at once,
+    saying how to send one; the pause does not happen."""
     started = time.monotonic()
     with connect(ctl_default.path) as sock:
         sock.sendall(b"POST /v1/pause HTTP/1.1\r\nHost: x\r\n\r\n")
         reply = parse_reply(read_all(sock))
-    assert reply.status == 200
-    assert time.monotonic() - started < control.BODY_GRACE + 2.0
-    assert ctl_default.backend.called("pause") == [None]
+    assert_error(reply, 411, "length_required")
+    message = reply.json["error"]["message"]
+    assert "send Content-Length: 0 for no body; with curl: -d '' or --json" in message
+    assert time.monotonic() - started < 2.0
+    assert ctl_default.backend.called("pause") == []
 
 
-def test_curl_post_without_data_still_reloads(ctl_default: Harness) -> None:
-    """README's ``curl --unix-socket ... -X POST .../v1/reload`` works (no length, no body)."""
+def test_a_dry_run_body_sent_late_without_length_is_411_and_nothing_runs(
+    ctl_default: Harness,
+) -> None:
+    """The reviewer's late body: a length-less POST /v1/reload head, its answer read (a
+    411), then {"dry_run": true}: neither a reload nor a dry run ever happens."""
+    with connect(ctl_default.path) as sock:
+        sock.sendall(
+            b"POST /v1/reload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            assert chunk, "no answer to the head"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 411 "), head
+        with contextlib.suppress(OSError):
+            sock.sendall(b'{"dry_run": true}')
+        read_all(sock)
+    assert ctl_default.backend.called("reload") == []
+    assert ctl_default.backend.called("reload_check") == []
+
+
+def test_curl_reloads_with_an_empty_body_and_is_told_how_without_one(
+    ctl_default: Harness,
+) -> None:
+    """README's ``curl --unix-socket ... -d '' .../v1/reload`` reloads; ``curl -X POST``
+    (no length) gets the 411 that says to use -d ''."""
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed (apt-get install curl)")
-    result = subprocess.run(
-        [
-            *("curl", "-sS", "--max-time", "10", "--unix-socket", ctl_default.path),
-            *("-X", "POST", "http://localhost/v1/reload"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
+
+    def curl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["curl", "-sS", "--max-time", "10", "--unix-socket", ctl_default.path, *args],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
+
+    bare = curl("-X", "POST", "http://localhost/v1/reload")
+    assert bare.returncode == 0, bare.stderr
+    assert "with curl: -d ''" in json.loads(bare.stdout)["error"]["message"]
+    assert ctl_default.backend.called("reload") == []
+    result = curl("-d", "", "http://localhost/v1/reload")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["result"] == "applied"
     assert ctl_default.backend.called("reload") == [None]
@@ -579,6 +756,59 @@ def test_a_sticky_ancestor_with_our_own_directory_is_fine(
     assert call(harness.path, "GET", "/v1/status").status == 200
 
 
+@pytest.mark.parametrize("planted", ["symlink", "directory"])
+def test_a_socket_directory_planted_while_sockd_creates_it_is_refused_untouched(
+    make_server: Callable[..., Harness],
+    sockdir: str,
+    nobody: pwd.struct_passwd,
+    monkeypatch: pytest.MonkeyPatch,
+    planted: str,
+) -> None:
+    """When another user puts a symlink (to a root-only directory) or a directory of their
+    own at the missing socket directory's path between sockd's check and its mkdir, the
+    start is refused and neither the link's target nor their directory changes mode."""
+    victim = os.path.join(sockdir, "victim")
+    os.mkdir(victim, 0o700)
+    missing = os.path.join(sockdir, "made")
+    real_mkdir = os.mkdir
+
+    def racing_mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.path.basename(os.fsdecode(path)) == "made" and not os.path.lexists(missing):
+            if planted == "symlink":
+                os.symlink(victim, missing)
+                os.lchown(missing, nobody.pw_uid, nobody.pw_gid)
+            else:
+                real_mkdir(missing, 0o700)
+                os.chown(missing, nobody.pw_uid, nobody.pw_gid)
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    with pytest.raises(ControlError, match="refusing to create control socket"):
+        make_server(socket=os.path.join(missing, "c.sock"))
+    monkeypatch.undo()
+    assert os.path.lexists(missing), "the race was not staged"
+    assert stat.S_IMODE(os.stat(victim).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(missing).st_mode) == 0o700
+    assert not os.path.lexists(os.path.join(missing, "c.sock"))
+
+
+def test_a_missing_socket_directory_is_created_0755_whatever_the_umask(
+    make_server: Callable[..., Harness], sockdir: str
+) -> None:
+    """Missing directories on the socket's path are created, each mode 0755 and ours."""
+    nested = os.path.join(sockdir, "a", "b")
+    old = os.umask(0o077)
+    try:
+        harness = make_server(socket=os.path.join(nested, "c.sock"))
+    finally:
+        os.umask(old)
+    for directory in (os.path.join(sockdir, "a"), nested):
+        info = os.lstat(directory)
+        assert stat.S_ISDIR(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o755
+        assert info.st_uid == os.geteuid()
+    assert call(harness.path, "GET", "/v1/status").status == 200
+
+
 def test_reload_never_follows_a_symlink_swapped_in_for_the_socket(
     make_server: Callable[..., Harness], sockdir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -629,6 +859,35 @@ def test_the_socket_gets_its_mode_through_a_descriptor(
     socket_changes = [p for p in changed if "/proc/self/fd/" in p or p.endswith(".sock")]
     assert socket_changes and all(p.startswith("/proc/self/fd/") for p in socket_changes)
     assert stat.S_IMODE(os.stat(harness.path).st_mode) == 0o660
+
+
+@pytest.mark.parametrize("failing", ["chown", "chmod"])
+def test_a_rejected_mode_and_group_change_leaves_the_socket_as_it_was(
+    make_server: Callable[..., Harness],
+    read_gid: int,
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    """A reload to mode 0660 and a new group whose chown (or chmod, after the chown) fails
+    is rejected and leaves the socket exactly as it was: mode 0600, its old group."""
+    harness = make_server(mode=0o600)
+    before = os.stat(harness.path)
+    real = getattr(os, failing)
+
+    def fail_on_change(path: Any, *args: Any, **kwargs: Any) -> None:
+        restoring = args in ((stat.S_IMODE(before.st_mode),), (-1, before.st_gid))
+        if str(path).startswith("/proc/self/fd/") and not restoring:
+            raise PermissionError(1, "Operation not permitted")
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, failing, fail_on_change)
+    with pytest.raises(ControlError, match="cannot change control socket"):
+        harness.server.apply(make_settings(harness.path, mode=0o660, group=READ_GROUP))
+    monkeypatch.undo()
+    after = os.stat(harness.path)
+    assert stat.S_IMODE(after.st_mode) == 0o600
+    assert after.st_gid == before.st_gid != read_gid
+    assert call(harness.path, "GET", "/v1/status").status == 200
 
 
 def test_groups_of_a_reader_are_resolved_once_at_accept(

@@ -310,3 +310,25 @@ def test_relative_paths_are_normalised_and_socket_words_are_paths(tmp_path: Path
     assert config.logging.output == "stdout"
     path.write_text('[control]\nsocket = "stdout"\n')
     assert load(str(path)).control.socket == str(tmp_path / "etc" / "stdout")
+
+
+def test_secrets_are_declared_once_and_redacted_from_config_and_changes() -> None:
+    """handler_options is declared secret; redact_config and redact_changes hide its
+    values (keys kept) and leave every other setting as it is."""
+    assert {s.key for s in config.SETTINGS if s.secret} == {"server.handler_options"}
+    old = from_mapping({"server": {"handler_options": {"password": "a"}}})
+    options = {"password": "b", "dsn": "c"}
+    new = from_mapping({"server": {"handler_options": options}, "logging": {"level": "debug"}})
+    shown = config.redact_config(config.to_dict(new))
+    assert shown["server"]["handler_options"] == {"password": "<redacted>", "dsn": "<redacted>"}
+    assert shown["logging"] == config.to_dict(new)["logging"]
+    changes = config.redact_changes([c.as_dict() for c in diff(old, new)])
+    assert changes == [
+        {
+            "key": "server.handler_options",
+            "old": {"password": "<redacted>"},
+            "new": {"password": "<redacted>", "dsn": "<redacted>"},
+        },
+        {"key": "logging.level", "old": "info", "new": "debug"},
+    ]
+    assert config.redact("server.handler_options", "not a table") == "<redacted>"
