@@ -1,12 +1,13 @@
 """No data lost: clients exchange numbered messages through reloads and a SIGTERM.
 
 Many client threads send numbered lines to sockd (``tests.handlers:LineEcho``, which
-closes at a request boundary once a drain begins), half on fresh connections, half on
-persistent ones, while sockd is reloaded with SIGHUP every ``--reload-every`` seconds
-and finally stopped with SIGTERM. Every request must end one of two ways:
+at a drain answers every line already sent and then closes at a request boundary),
+half on fresh connections, half on persistent ones, while sockd is reloaded with
+SIGHUP every ``--reload-every`` seconds and finally stopped with SIGTERM. Every request
+must end one of two ways:
 - completed: the exact reply arrived in full;
 - refused cleanly: the connection was refused, or closed (EOF) before any byte of the
-  reply (sockd never read it, or closed at a boundary during the drain).
+  reply (a line that reached sockd only after the handler closed at a boundary).
 A partial or wrong reply is a loss, and so is a reset after the request was sent: the
 client cannot tell whether its request ran (a connection accepted by the kernel and
 reset when the listening socket closed at the stop looked exactly like that). The

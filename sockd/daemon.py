@@ -82,6 +82,10 @@ RELOAD_WAIT: Final = 120.0
 #: sockctl's default 30 s request timeout. A validation still running after this is
 #: rejected and its thread left behind (a daemon thread: it never blocks an exit).
 VALIDATION_TIMEOUT: Final = 20.0
+#: Seconds a reload waits for the serving loop to take a turn before it is refused (it
+#: answers in microseconds unless stuck). Waited for in the validation thread, never on
+#: the main thread.
+SERVING_LOOP_ANSWER: Final = 1.0
 
 
 @dataclass(slots=True)
@@ -140,6 +144,8 @@ class Validation:
     handler_cls: type[socketserver.BaseRequestHandler] | None = None
     problems: list[str] = field(default_factory=list)
     error: Exception | None = None
+    #: Whether the serving loop took a turn when asked, after the file was read.
+    serving_loop_answers: bool = True
 
 
 @dataclass(slots=True)
@@ -527,6 +533,11 @@ class Daemon:
             config = load(job.path)
             job.handler_cls = config.handler_class()
             job.config = config
+            if not job.request.dry_run:
+                # Asked here, off the main loop, so waiting on a stuck serving loop
+                # neither blocks the main loop (a SIGTERM is handled meanwhile) nor runs
+                # in the reload's commit phase.
+                job.serving_loop_answers = self.acceptor.answers(SERVING_LOOP_ANSWER)
         except ConfigError as exc:
             job.problems = exc.problems
         except Exception as exc:  # a bug, reported to the waiting caller by the main loop
@@ -588,7 +599,9 @@ class Daemon:
                 raise job.error
             if job.config is None or job.handler_cls is None:
                 return self._reject(event.source, job.problems)
-            return self._apply_reload(event.source, job.config, job.handler_cls)
+            return self._apply_reload(
+                event.source, job.config, job.handler_cls, job.serving_loop_answers
+            )
         finally:
             self._end_reloading()
 
@@ -677,15 +690,30 @@ class Daemon:
         return ReloadOutcome(applied=False, generation=self.generation, changes=[], errors=errors)
 
     def _apply_reload(
-        self, source: str, new: Config, handler_cls: type[socketserver.BaseRequestHandler]
+        self,
+        source: str,
+        new: Config,
+        handler_cls: type[socketserver.BaseRequestHandler],
+        serving_loop_answers: bool = True,
     ) -> ReloadOutcome:
         """All or nothing: prepare everything that can fail, then commit what cannot.
 
-        Prepared in order, each undone if a later one fails (or raises, a bug included):
-        the new log output opened (not yet written to), added addresses bound, then the
-        control socket reconfigured, last because it keeps its old settings when it
-        fails. From there on nothing can fail.
+        First, the serving loop must have answered (asked by the validation thread): a
+        loop stuck in user code would take the new listener table whenever it comes
+        back, long after this reload was answered. Then prepared in order, each undone
+        if a later one fails (or raises, a bug included): the new log output opened (not
+        yet written to), added addresses bound, then the control socket reconfigured,
+        last because it keeps its old settings when it fails. From there on nothing can
+        fail or block: the serving loop gets its new table without being waited for.
         """
+        if not serving_loop_answers:
+            return self._reject(
+                source,
+                [
+                    "the serving loop is not answering (stuck in a handler's call or on "
+                    f"a lock for over {SERVING_LOOP_ANSWER:g} s); reload refused"
+                ],
+            )
         old = self.config
         changes = diff(old, new)
         changed = {c.key for c in changes}
@@ -722,7 +750,7 @@ class Daemon:
                     sock.close()
                 if prepared is not None:
                     self.logs.discard(prepared)
-        # 4. Nothing can fail from here on.
+        # 4. Nothing can fail or block from here on (replace() only posts the new table).
         self.logs.commit(prepared)
         self.hub.apply(new.server, handler_cls)
         mode_changed = new.server.mode != old.server.mode
@@ -800,6 +828,16 @@ class Daemon:
         # Counted before handlers learn of the drain: one that ends at once on
         # self.draining still counts as finished, not as never having been open.
         at_start = self.registry.count()
+        self.registry.unanswered = 0
+        # The flag is set before the backlog is handed to handlers, on purpose. The rule
+        # (SockdHandler's docstring) is that at a drain whatever a client already sent
+        # is answered and a connection ends only at a boundary with nothing pending; a
+        # handler that follows it answers a queued request whether it starts before or
+        # after the flag. Setting it first means such a handler, having answered, closes
+        # at once instead of waiting for a next request that holds the stop to its
+        # deadline. The other order would not make naive handlers safe anyway: handler
+        # threads (and children) start asynchronously and can see the flag before their
+        # first read whichever order this is.
         self.hub.draining.set()
         self.registry.flush_refusals(self.log, time.monotonic(), every=0)
         self.log.info(
@@ -827,9 +865,11 @@ class Daemon:
             close_gently(request[1])  # never served: EOF for its client, not a reset
         cut = self._cut_remaining()
         self.registry.flush_refusals(self.log, time.monotonic(), every=0)
+        unanswered = self.registry.unanswered or 0
         self.log.info(
             "server.stopped",
-            finished=max(0, at_start + served - cut),
+            finished=max(0, at_start + served - cut - unanswered),
+            unanswered=unanswered,
             cut=cut,
             backlog=taken,
             backlog_closed=taken - served,

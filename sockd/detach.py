@@ -22,7 +22,7 @@ import daemon as python_daemon  # type: ignore[import-untyped]  # ships no type 
 
 from sockd.config import Config
 from sockd.errors import ConfigError, SockdError
-from sockd.protocol import ExitCode
+from sockd.protocol import ExitCode, path_entries, sticky, writable_by_others
 
 #: The pid file's mode: readable by everyone, as monitors and init scripts expect.
 PIDFILE_MODE = 0o644
@@ -97,27 +97,42 @@ class PidFile:
         self._identity = (info.st_dev, info.st_ino)
 
     def _check_directory(self) -> None:
-        """Refuse a directory in which another user could swap the file after our checks."""
+        """Refuse a path another user could redirect, so the file lands where they point.
+
+        The same walk as the control socket's check (``path_entries``, from ``/`` as the
+        kernel resolves it, symlink targets included): every directory and symlink on
+        the way must belong to sockd's user or root, and no directory may be writable by
+        others unless sticky (``/tmp``: others cannot rename what is not theirs in it).
+        Unlike the socket's, the file's own directory may be sticky: the file is then
+        checked on its descriptor (owner, type, links), so a planted one is refused.
+        """
         directory = os.path.dirname(self.path)
         try:
-            info = os.stat(directory)
+            entries, complete = path_entries(self.path)
         except OSError as exc:
             raise PidFileError(
-                f"cannot use pid file {self.path}: {directory}: {exc.strerror}"
+                f"cannot use pid file {self.path}: {exc.filename}: {exc.strerror}"
             ) from None
+        if not complete:
+            raise PidFileError(
+                f"cannot use pid file {self.path}: {directory}: {os.strerror(errno.ENOENT)}"
+            )
         euid = os.geteuid()
-        if info.st_uid not in (euid, 0):
-            raise PidFileError(
-                f"pid file {self.path} is in {directory}, owned by uid {info.st_uid}; expected "
-                f"a directory owned by sockd's user (uid {euid}) or root"
-            )
-        open_to_others = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if open_to_others and not info.st_mode & stat.S_ISVTX:
-            raise PidFileError(
-                f"pid file {self.path} is in {directory}, which others may write to "
-                f"(mode {stat.S_IMODE(info.st_mode):04o}) and is not sticky; expected a "
-                "directory only sockd's user can change, such as /run/sockd"
-            )
+        for entry in entries:
+            info = entry.info
+            kind = "symlink" if entry.is_link else "directory"
+            if info.st_uid not in (euid, 0):
+                raise PidFileError(
+                    f"pid file {self.path}: {kind} {entry.path} is owned by uid "
+                    f"{info.st_uid}; expected every directory and symlink on the path to "
+                    f"belong to sockd's user (uid {euid}) or root"
+                )
+            if not entry.is_link and writable_by_others(info) and not sticky(info):
+                raise PidFileError(
+                    f"pid file {self.path}: directory {entry.path}, which others may write "
+                    f"to (mode {stat.S_IMODE(info.st_mode):04o}), is not sticky; expected "
+                    "directories only sockd's user can change, such as /run/sockd"
+                )
 
     def _check_file(self, info: os.stat_result) -> None:
         euid = os.geteuid()

@@ -27,6 +27,7 @@ import itertools
 import json
 import json.encoder
 import os
+import select
 import selectors
 import signal
 import socket
@@ -292,6 +293,10 @@ class Registry:
         self._pending_refusals: dict[str, int] = {}
         self._pending_throttles: dict[str, int] = {}
         self._last_refusal_log = 0.0
+        #: From the start of a drain (None before): connections that ended, not cut,
+        #: having received bytes but sent none. Their client got no answer, so the
+        #: drain does not count them as finished (server.stopped's ``unanswered``).
+        self.unanswered: int | None = None
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -324,6 +329,13 @@ class Registry:
             if stats is not None:
                 self.counters.bytes_in += stats.bytes_in
                 self.counters.bytes_out += stats.bytes_out
+                if (
+                    self.unanswered is not None
+                    and stats.bytes_in
+                    and not stats.bytes_out
+                    and conn.close_reason is None
+                ):
+                    self.unanswered += 1
             if error:
                 self.counters.handler_errors += 1
         self.on_close()
@@ -505,7 +517,12 @@ class SockdHandler(socketserver.BaseRequestHandler):
     - ``self.log``: a structlog logger bound to this connection (conn_id, peer_addr,
       peer_port, listen; pid in forking mode), created on first use;
     - ``self.draining``: a ``threading.Event`` set when a graceful stop begins, so a
-      long-lived handler can finish early (``if self.draining.is_set(): break``).
+      long-lived handler can finish early. The rule sockd's own handlers follow: at a
+      drain, whatever the client already sent is answered; a connection ends at the
+      drain only at a request boundary with nothing pending to read
+      (``if self.draining.is_set() and not self.input_pending(): break``). A connection
+      taken from the listen queue at a stop starts with the flag already set, and its
+      client's request is usually waiting in the socket.
     Run by a bare socketserver, the class defaults apply (empty options, a plain logger,
     a drain flag that is never set). A plain ``BaseRequestHandler`` runs unchanged
     under sockd; it just does not get these.
@@ -522,6 +539,14 @@ class SockdHandler(socketserver.BaseRequestHandler):
         ``server.handler_options: <string>`` (exit 78 at start, a rejected reload later).
         """
         return []
+
+    def input_pending(self) -> bool:
+        """Whether the client sent bytes not read from ``self.request`` yet (or closed).
+
+        Never waits. It sees the socket only: bytes already in a buffered reader of your
+        own (``makefile``) are yours to check first.
+        """
+        return input_pending(self.request)
 
     _sockd_conn: Connection | None = None
     _log_override: Any = None
@@ -909,6 +934,17 @@ def discard_input(sock: socket.socket) -> None:
             left -= len(chunk)
 
 
+def input_pending(sock: socket.socket) -> bool:
+    """Whether reading ``sock`` would return at once: bytes, end-of-stream or an error.
+
+    A zero-timeout ``poll``, whatever the socket's own timeout (``recv`` with
+    ``MSG_DONTWAIT`` would first wait out a timeout Python applies itself).
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def close_gently(sock: socket.socket) -> None:
     """Close with a FIN, never a reset: the peer reads EOF, whatever it had sent."""
     with contextlib.suppress(OSError):
@@ -1049,12 +1085,27 @@ class Acceptor:
         if self._thread is None or not self._thread.is_alive():
             fn()
             return
+        if not self._post(fn).wait(timeout):
+            raise TimeoutError("the serving loop did not answer")
+
+    def _post(self, fn: Callable[[], None]) -> threading.Event:
+        """Queue ``fn`` for the serving thread's next turn; the event is set once it ran."""
         done = threading.Event()
         with self._lock:
             self._commands.append((fn, done))
         self.wake()
-        if not done.wait(timeout):
-            raise TimeoutError("the serving loop did not answer")
+        return done
+
+    def answers(self, timeout: float) -> bool:
+        """Whether the serving loop takes a turn within ``timeout`` s (True if not running).
+
+        Asked before committing a reload: a loop stuck in a call (user code holding a
+        lock it needs) would otherwise apply the new listener table whenever it comes
+        back, long after the reload was answered.
+        """
+        if self._thread is None or not self._thread.is_alive() or self._stop:
+            return True
+        return self._post(lambda: None).wait(timeout)
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop the loop; called from another thread (from the loop itself it would deadlock).
@@ -1103,11 +1154,19 @@ class Acceptor:
         return removed[0] if removed else None
 
     def replace(self, listeners: dict[Address, Listener]) -> None:
-        def do() -> None:
-            self.listeners = dict(listeners)
-            self._sync_registration(force=True)
+        """Swap the listener table without waiting for the serving loop.
 
-        self.call(do)
+        Called in a reload's commit phase, where nothing may block or fail: the table
+        (the daemon's view, and what the loop registers from) changes at once, and the
+        loop re-registers on its next turn. Until then a listener it still watches but
+        that is no longer in the table is skipped, and its socket may be closed under
+        it (see ``_accept``); a new one is watched from that turn on.
+        """
+        self.listeners = dict(listeners)  # a new dict, never mutated: safe to read anywhere
+        if self._thread is None or not self._thread.is_alive():
+            self._sync_registration(force=True)
+            return
+        self._post(lambda: self._sync_registration(force=True))
 
     def set_paused(self, paused: bool) -> None:
         def do() -> None:
@@ -1133,7 +1192,12 @@ class Acceptor:
                 self._selector.unregister(key.fileobj)
         if want:
             for listener in self.listeners.values():
-                self._selector.register(listener.socket, selectors.EVENT_READ, listener)
+                try:
+                    self._selector.register(listener.socket, selectors.EVENT_READ, listener)
+                except (OSError, ValueError, KeyError):
+                    # Closed by a reload swapping the table under this loop: the swap
+                    # has queued a re-registration from the new table already.
+                    continue
         self._registered = want
 
     def _timeout(self, now: float) -> float | None:
@@ -1182,6 +1246,11 @@ class Acceptor:
         self._sync_registration()
 
     def _accept(self, listener: Listener) -> None:
+        if self.listeners.get(listener.address) is not listener:
+            # Retired by a reload not yet applied here (``replace``): the daemon takes
+            # its queue. Re-register from the new table now.
+            self._sync_registration(force=True)
+            return
         for _ in range(ACCEPT_BATCH):
             if self.hub.at_capacity():
                 self._sync_registration()
@@ -1192,6 +1261,8 @@ class Acceptor:
                 self._backoff = 0.0
                 return
             except OSError as exc:
+                if listener.socket.fileno() < 0:
+                    return  # closed by a reload between the check above and the accept
                 self._accept_failed(exc)
                 return
             self._backoff = 0.0

@@ -32,7 +32,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Final, Protocol, Self, TypeVar
 
 __all__ = [
     "JOURNAL_SOCKET",
@@ -398,10 +398,32 @@ def watchdog_interval(*, unset_environment: bool = False) -> float | None:
     return usec / 2 / 1_000_000
 
 
-def _positive_int(text: str, variable: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise SystemdError(f"{variable}={text!r} is not a positive integer")
+#: The most digits a number from the environment may have: any 64-bit count fits in 19.
+_MAX_DIGITS: Final = 19
+
+
+def _decimal(text: str) -> int | None:
+    """``text`` as a number if it is 1 to 19 ASCII digits, else ``None``.
+
+    ``str.isdigit()`` alone takes "²" and Arabic-Indic or fullwidth digits (``int()``
+    then fails or reads them), and ``int()`` of a 5000-digit string raises ValueError
+    (the interpreter's limit on digits): neither may escape as a traceback.
+    """
+    if not 0 < len(text) <= _MAX_DIGITS or not (text.isascii() and text.isdigit()):
+        return None
     return int(text)
+
+
+def _shown(text: str) -> str:
+    """A variable's value for a one-line message: quoted, at most its first 20 characters."""
+    return repr(text) if len(text) <= 20 else f"{text[:20]!r}... ({len(text)} characters)"
+
+
+def _positive_int(text: str, variable: str) -> int:
+    value = _decimal(text)
+    if value is None or value <= 0:
+        raise SystemdError(f"{variable}={_shown(text)} is not a positive integer")
+    return value
 
 
 # --- socket activation -------------------------------------------------------------------
@@ -486,9 +508,15 @@ def listen_fds(unset_environment: bool = True) -> list[InheritedSocket]:
         return []
     if _positive_int(pid_text, "LISTEN_PID") != os.getpid():
         return []
-    if not fds_text.isdigit():
-        raise SystemdError(f"LISTEN_FDS={fds_text!r} is not a number of file descriptors")
-    count = int(fds_text)
+    count = _decimal(fds_text)
+    if count is None:
+        raise SystemdError(f"LISTEN_FDS={_shown(fds_text)} is not a number of file descriptors")
+    limit = os.sysconf("SC_OPEN_MAX")
+    if count > limit:
+        raise SystemdError(
+            f"LISTEN_FDS={_shown(fds_text)} is more file descriptors than this process "
+            f"may have open ({limit})"
+        )
     if names_text is None:
         names = ["unknown"] * count
     else:
@@ -833,9 +861,9 @@ def journal_stream_matches(fds: Iterable[int] = (1, 2)) -> bool:
     """
     value = os.environ.get("JOURNAL_STREAM", "")
     dev_text, _, ino_text = value.partition(":")
-    if not dev_text.isdigit() or not ino_text.isdigit():
+    dev, ino = _decimal(dev_text), _decimal(ino_text)
+    if dev is None or ino is None:
         return False
-    dev, ino = int(dev_text), int(ino_text)
     for fd in fds:
         try:
             st = os.fstat(fd)

@@ -175,12 +175,21 @@ class FdHog(SockdHandler):
                 os.close(fd)
 
 
-class LineEcho(SockdHandler):
-    """Echoes line by line; when a drain begins it finishes the current line and closes.
+class LineEcho(JSONActionHandler):
+    """Echoes line by line (blank lines skipped); at a drain it answers every line the
+    client already sent, then closes at a request boundary.
 
-    Requests are never cut in half: each one gets its whole reply or, after the drain
-    began, the connection closes at a request boundary.
+    Requests are never cut in half, nor dropped once sent. The drain-aware line reading
+    is JSONActionHandler's; each line is echoed as is instead of parsed.
     """
+
+    def dispatch_line(self, line: bytes) -> None:
+        self.request.sendall(line)
+
+
+class NaiveDrain(SockdHandler):
+    """The naive pattern: ends as soon as the drain flag is set, even with a request
+    unread in the socket (so a queued client gets EOF without an answer)."""
 
     def handle(self) -> None:
         rfile = self.request.makefile("rb")

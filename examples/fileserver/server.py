@@ -9,8 +9,11 @@ The socketserver tutorials' file service, rebuilt to be safe to expose:
   changes how names look rather than being part of them: no control character (C0,
   DEL, C1 such as NEL or CSI, which drive terminals), no invisible formatting character
   (the bidirectional overrides and isolates that make ``evil\u202etxt.exe`` display as
-  ``evilexe.txt``, marks, zero-width characters, the byte order mark) and no line or
-  paragraph separator.
+  ``evilexe.txt``, marks, zero-width characters, the byte order mark), no other
+  default-ignorable code point (Unicode's ``Default_Ignorable_Code_Point``: the
+  combining grapheme joiner, variation selectors, Hangul fillers, tags, which render as
+  nothing), no line or paragraph separator, no space but U+0020 (no-break, em,
+  ideographic...), no blank braille pattern, and no space at either end.
 - Symbolic links are never followed. ``os.path.realpath`` spots a link and says whether
   it leads outside the root; files are opened with ``O_NOFOLLOW`` so a link swapped in
   after that check is refused as well, and ``os.replace`` replaces a link, never
@@ -87,14 +90,69 @@ _INVISIBLE: Final = {
     "Cf": "invisible formatting character (bidi control, zero-width, mark)",
     "Zl": "line separator",
     "Zp": "paragraph separator",
+    "Zs": "non-ASCII space",
 }
+#: Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt), as inclusive
+#: ranges: code points a renderer shows as nothing. Many are Cf (refused above anyway);
+#: these are not: U+034F, the Hangul fillers, the variation selectors, tags, unassigned
+#: ones. Spelled out rather than taken from ``unicodedata``, which has no such property.
+_DEFAULT_IGNORABLE: Final = (
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x061C, 0x061C),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
+#: Blank but not a space by category (So): shows as an empty cell.
+_BRAILLE_BLANK: Final = "\u2800"
+
+
+def _refused_char(char: str) -> str | None:
+    """What to call ``char`` in an error if a name may not hold it (U+0020 is fine)."""
+    if char == " ":
+        return None
+    kind = _INVISIBLE.get(unicodedata.category(char))
+    if kind is not None:
+        return kind
+    code = ord(char)
+    if any(low <= code <= high for low, high in _DEFAULT_IGNORABLE):
+        return "invisible (default-ignorable) character"
+    if char == _BRAILLE_BLANK:
+        return "blank braille pattern"
+    return None
+
+
+def _shown(value: str) -> str:
+    """``value`` (its first 100 characters) quoted for an error message, every character a
+    name may not hold escaped: ``repr`` escapes the non-printable ones, this the rest
+    (marks, fillers and blanks that ``repr`` thinks printable)."""
+    return "".join(_escaped(c) for c in repr(value[:100]))
+
+
+def _escaped(char: str) -> str:
+    if char.isascii() or _refused_char(char) is None:
+        return char
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def check_name(value: object) -> str:
     """``value`` if it is a valid file name inside the root, else an ``ActionError``."""
     if not isinstance(value, str):
         raise ActionError("bad_request", 'a request needs a string "name"')
-    shown = repr(value[:100])
+    shown = _shown(value)
     if "\x00" in value:
         raise ActionError("bad_name", f"{shown}: NUL is not allowed in a name")
     if "/" in value:
@@ -107,6 +165,8 @@ def check_name(value: object) -> str:
         )
     if _CONTROL_CHARS.search(value):
         raise ActionError("bad_name", f"{shown}: control characters are not allowed in a name")
+    if value[0] == " " or value[-1] == " ":
+        raise ActionError("bad_name", f"{shown}: a name may not begin or end with a space")
     try:
         encoded = value.encode("utf-8")
     except UnicodeEncodeError:
@@ -115,7 +175,7 @@ def check_name(value: object) -> str:
         raise ActionError("bad_name", f"a name is at most {MAX_NAME_BYTES} bytes")
     if not value.isascii():  # at most 255 characters here
         for char in value:
-            kind = _INVISIBLE.get(unicodedata.category(char))
+            kind = _refused_char(char)
             if kind is not None:
                 raise ActionError(
                     "bad_name", f"{shown}: {kind} U+{ord(char):04X} is not allowed in a name"

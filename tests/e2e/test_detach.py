@@ -293,3 +293,25 @@ def test_pidfile_in_a_sticky_directory_works_and_is_removed(hostile: Path) -> No
     os.kill(pid, signal.SIGTERM)
     assert wait_gone(pid)
     assert not pidfile.exists()
+
+
+def test_pidfile_path_through_another_users_symlink_or_directory_is_refused(
+    hostile: Path,
+) -> None:
+    """A symlink nobody planted above the pid file (``pub/link -> rootdir``), or a root-owned
+    directory inside nobody's, is refused: root never creates the file where nobody points."""
+    rootdir = hostile / "rootdir"
+    rootdir.mkdir(mode=0o755)
+    link = hostile / "pub" / "link"
+    assert as_nobody("ln", "-s", str(rootdir), str(link)).returncode == 0
+    assert_refused(
+        start_with_pidfile(hostile, link / "sockd.pid"), f"symlink {link} is owned by uid {NOBODY}"
+    )
+    assert list(rootdir.iterdir()) == []
+    inner = hostile / "mine" / "sub"  # root's directory, but nobody may rename it
+    inner.mkdir(mode=0o755)
+    assert_refused(
+        start_with_pidfile(hostile, inner / "sockd.pid"),
+        f"directory {hostile / 'mine'} is owned by uid {NOBODY}",
+    )
+    assert list(inner.iterdir()) == []

@@ -414,6 +414,103 @@ def test_watchdog_stops_when_the_serving_loop_is_wedged(
         sock.close()
 
 
+def listen_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the loopback listener on ``port``
+    (the rx_queue column of /proc/net/tcp for a socket in LISTEN state)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if state == "0A" and int(local.split(":")[1], 16) == port:
+            return int(queues.split(":")[1], 16)
+    raise AssertionError(f"no listener on port {port}")
+
+
+def wedge_serving_loop(
+    sockd_factory: Any, short_tmp: Path, release: Path
+) -> tuple[SockdProcess, tuple[str, int], dict[str, dict[str, Any]], list[socket.socket]]:
+    """A sockd whose serving loop is stuck: LockHog holds the registry lock, and a second
+    connection's accept waits for it. Returns the process, its address, its config and
+    the two client sockets."""
+    config = base_config(
+        short_tmp, handler="tests.handlers:LockHog", handler_options={"release": str(release)}
+    )
+    proc = sockd_factory(config)
+    (address,) = proc.wait_ready()
+    holder = connect(address)
+    proc.wait_for("test.blocked")
+    waiting = connect(address)
+    # Taken from the queue: the serving loop is in that accept, on the lock, from here on.
+    wait_until(lambda: listen_queue(address[1]) == 0, "the serving loop to take the connection")
+    return proc, address, config, [holder, waiting]
+
+
+def test_reload_with_a_stuck_serving_loop_is_refused_and_applies_nothing(
+    sockd_factory: Any, short_tmp: Path
+) -> None:
+    """With the serving loop stuck on a lock, a reload adding an address is refused within
+    2 s with a clear error, and nothing of it applies once the loop is free again."""
+    release = short_tmp / "release"
+    proc, address, config, clients = wedge_serving_loop(sockd_factory, short_tmp, release)
+    port = free_port()
+    config["server"]["listen"] = ["127.0.0.1:0", f"127.0.0.1:{port}"]
+    write_config(proc, config)
+    began = time.monotonic()
+    result = sockctl(short_tmp, "reload")
+    elapsed = time.monotonic() - began
+    assert result.returncode == 78, (result.returncode, result.stdout, result.stderr)
+    assert "the serving loop is not answering" in result.stderr
+    assert "reload refused" in result.stderr
+    assert elapsed < 2.0, f"the refusal took {elapsed:.1f} s"
+    assert proc.wait_for("reload.rejected")["generation"] == 1
+    release.touch()
+    assert [recv_line(sock) for sock in clients] == [b"released\n"] * 2  # the loop moved on
+    with connect(address) as sock:  # and accepts again: whatever it had queued has run
+        assert recv_line(sock) == b"released\n"
+    status = client_for(short_tmp).status()
+    assert status["generation"] == 1
+    assert status["listen"] == [f"{address[0]}:{address[1]}"], status
+    with pytest.raises(ConnectionRefusedError):
+        connect(("127.0.0.1", port), timeout=2).close()
+    assert not proc.all("reload.applied")
+    for sock in clients:
+        sock.close()
+
+
+def test_sigterm_during_a_reload_with_a_stuck_serving_loop_stops_promptly(
+    sockd_factory: Any, short_tmp: Path
+) -> None:
+    """A SIGTERM while a reload waits on a stuck serving loop is handled at once (the drain
+    begins within a second); the reload hears that the daemon is stopping."""
+    release = short_tmp / "release"
+    proc, _, config, clients = wedge_serving_loop(sockd_factory, short_tmp, release)
+    config["server"]["listen"] = ["127.0.0.1:0", f"127.0.0.1:{free_port()}"]
+    write_config(proc, config)
+    answers: list[Any] = []
+
+    def reload() -> None:
+        try:
+            answers.append(client_for(short_tmp).reload())
+        except Exception as exc:  # the test's business: recorded and checked below
+            answers.append(exc)
+
+    waiter = threading.Thread(target=reload, daemon=True)
+    waiter.start()
+    # Past the file's validation (milliseconds): the reload now waits on the serving loop.
+    time.sleep(0.3)  # sleep-ok: places the signal inside the reload's wait, not a sync
+    began = time.monotonic()
+    proc.signal(signal.SIGTERM)
+    proc.wait_for("server.stopping", timeout=5)
+    elapsed = time.monotonic() - began
+    release.touch()
+    assert proc.wait_exit() == 0
+    assert elapsed < 1.0, f"the stop began {elapsed:.1f} s after SIGTERM"
+    waiter.join(DEADLINE)
+    assert len(answers) == 1 and "stopping" in str(answers[0]), answers
+    assert not proc.all("reload.applied")
+    for sock in clients:
+        sock.close()
+
+
 # --------------------------------------------------------------------------- 7. backlog at stop
 
 
@@ -485,6 +582,86 @@ def test_backlog_not_served_by_the_deadline_is_closed_without_reset(
     assert stopped["backlog_closed"] == 3
     assert stopped["cut"] == 1
     for sock in [first, *queued]:
+        sock.close()
+
+
+#: (handler, request line, what the reply line must contain) for the drain-aware handlers.
+DRAIN_AWARE = [
+    pytest.param(
+        "tests.handlers:Calculator",
+        b'{"action": "add", "values": [1, %d], "id": %d}\n',
+        b'"ok": true',
+        id="calculator",
+    ),
+    pytest.param(
+        "examples.fileserver.server:FileServerHandler",
+        b'{"action": "list", "id": "%d-%d"}\n',
+        b'"ok": true',
+        id="fileserver",
+    ),
+    pytest.param("tests.handlers:LineEcho", b"line-%d-%d\n", b"line-", id="line-echo"),
+]
+
+
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+@pytest.mark.parametrize(("handler", "request_line", "reply_has"), DRAIN_AWARE)
+def test_queued_requests_are_answered_at_a_stop(
+    sockd_factory: Any,
+    short_tmp: Path,
+    mode: str,
+    handler: str,
+    request_line: bytes,
+    reply_has: bytes,
+) -> None:
+    """A drain-aware handler answers every request its client sent while queued (paused) before
+    SIGTERM, then closes; server.stopped counts them finished, none unanswered."""
+    files = short_tmp / "files"
+    files.mkdir()
+    config = base_config(short_tmp, handler=handler, mode=mode, shutdown_timeout=5)
+    config["server.handler_options"] = {"root": str(files)}
+    proc = sockd_factory(config)
+    (address,) = proc.wait_ready()
+    client_for(short_tmp).pause()
+    clients = []
+    for i in range(5):
+        sock = connect(address)  # completed by the kernel; sockd is not accepting
+        sock.sendall(request_line % (i, i))
+        clients.append(sock)
+    proc.signal(signal.SIGTERM)
+    replies = [read_outcome(sock) for sock in clients]
+    assert all(reply_has.decode() in r for r in replies), replies
+    assert [sock.recv(1) for sock in clients] == [b""] * 5  # then closed
+    assert proc.wait_exit() == 0
+    stopped = proc.wait_for("server.stopped")
+    assert stopped["backlog"] == 5 and stopped["backlog_closed"] == 0, stopped
+    assert stopped["finished"] == 5 and stopped["unanswered"] == 0, stopped
+    assert all(e["bytes_out"] > 0 for e in proc.all("conn.close"))
+    for sock in clients:
+        sock.close()
+
+
+@pytest.mark.parametrize("mode", ["threading", "forking"])
+def test_stop_does_not_count_unanswered_connections_as_finished(
+    sockd_factory: Any, short_tmp: Path, mode: str
+) -> None:
+    """A handler that quits at the drain without reading its queued client's request: the
+    client gets EOF, and server.stopped counts it unanswered, not finished."""
+    config = base_config(short_tmp, handler="tests.handlers:NaiveDrain", mode=mode)
+    proc = sockd_factory(config)
+    (address,) = proc.wait_ready()
+    client_for(short_tmp).pause()
+    clients = []
+    for i in range(3):
+        sock = connect(address)
+        sock.sendall(b"request-%d\n" % i)
+        clients.append(sock)
+    proc.signal(signal.SIGTERM)
+    assert [read_outcome(sock) for sock in clients] == ["eof"] * 3
+    assert proc.wait_exit() == 0
+    stopped = proc.wait_for("server.stopped")
+    assert stopped["backlog"] == 3 and stopped["backlog_closed"] == 0, stopped
+    assert (stopped["finished"], stopped["unanswered"], stopped["cut"]) == (0, 3, 0), stopped
+    for sock in clients:
         sock.close()
 
 
@@ -616,6 +793,25 @@ def test_bad_watchdog_usec_is_a_startup_error(sockd_factory: Any, short_tmp: Pat
     assert proc.wait_exit() == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == ["sockd: WATCHDOG_USEC='abc' is not a positive integer"], proc.stderr
+    assert not (short_tmp / "ctl.sock").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        pytest.param("\u00b2", "'\u00b2'", id="superscript-two"),
+        pytest.param("9" * 5000, "'99999999999999999999'... (5000 characters)", id="5000-digits"),
+    ],
+)
+def test_non_ascii_or_huge_watchdog_usec_is_a_startup_error(
+    sockd_factory: Any, short_tmp: Path, value: str, shown: str
+) -> None:
+    """WATCHDOG_USEC that str.isdigit() takes but is no number ("²", 5000 digits): one
+    short line on stderr naming the variable, exit 1, no control socket left behind."""
+    proc = sockd_factory(env={"WATCHDOG_USEC": value})
+    assert proc.wait_exit() == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"sockd: WATCHDOG_USEC={shown} is not a positive integer"], proc.stderr
     assert not (short_tmp / "ctl.sock").exists()
 
 

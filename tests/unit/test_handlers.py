@@ -208,10 +208,15 @@ FUTEX = {"x86_64": "202", "aarch64": "98", "i686": "240", "armv7l": "240"}.get(
 class Drained:
     """A ``Child`` handler on a socketpair with its own drain flag, as sockd sets it."""
 
-    def __init__(self) -> None:
+    def __init__(self, sent_before: bytes = b"", drained_before: bool = False) -> None:
+        """``sent_before``/``drained_before``: already in the socket / already set when the
+        handler starts (a connection taken from the listen queue at a stop)."""
         self.draining = threading.Event()
         self.client, self.server = socket.socketpair()
         self.client.settimeout(10)
+        self.client.sendall(sent_before)
+        if drained_before:
+            self.draining.set()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -298,5 +303,49 @@ def test_pipelined_requests_are_all_answered_without_a_drain() -> None:
         conn.client.shutdown(socket.SHUT_WR)
         conn.thread.join(10)
         assert not conn.thread.is_alive()
+    finally:
+        conn.close()
+
+
+def read_replies(sock: socket.socket) -> list[dict[str, Any]]:
+    """Every reply line until the handler closes the connection."""
+    reader = sock.makefile("rb")
+    replies = [json.loads(line) for line in reader]
+    reader.close()
+    return replies
+
+
+def test_request_waiting_when_the_handler_starts_mid_drain_is_answered() -> None:
+    """A handler that starts with the drain already begun answers the request its client
+    sent while queued, then closes: a request sent is never dropped unanswered."""
+    conn = Drained(sent_before=b'{"action": "ping", "id": 1}\n', drained_before=True)
+    try:
+        assert read_replies(conn.client) == [{"ok": True, "result": "pong", "id": 1}]
+    finally:
+        conn.close()
+
+
+def test_every_request_already_sent_at_the_drain_is_answered() -> None:
+    """Two pipelined requests waiting when the handler starts mid-drain: both answered in
+    order before the connection closes."""
+    pipelined = b'{"action": "ping", "id": 1}\n{"action": "ping", "id": 2}\n'
+    conn = Drained(sent_before=pipelined, drained_before=True)
+    try:
+        assert [r["id"] for r in read_replies(conn.client)] == [1, 2]
+    finally:
+        conn.close()
+
+
+def test_request_arriving_with_the_drain_is_answered() -> None:
+    """A handler idle between requests, woken by the drain with a request also arrived:
+    the request is read and answered, not dropped."""
+    conn = Drained()
+    try:
+        conn.wait_blocked_on_input()
+        # Let the drain's wake-up and the request arrive together: the handler's wait
+        # sees both, or the drain first with the request already pending.
+        conn.client.sendall(b'{"action": "ping", "id": 3}\n')
+        conn.draining.set()
+        assert read_replies(conn.client) == [{"ok": True, "result": "pong", "id": 3}]
     finally:
         conn.close()

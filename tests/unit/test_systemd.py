@@ -326,6 +326,40 @@ def test_malformed_watchdog_usec_raises(clean_env: pytest.MonkeyPatch, value: st
         systemd.watchdog_interval()
 
 
+#: Values str.isdigit() takes but that are not ASCII decimal numbers, or are too long.
+NOT_ASCII_NUMBERS = [
+    pytest.param("\u00b2", id="superscript-two"),
+    pytest.param("\u0661\u0662", id="arabic-indic"),
+    pytest.param("\uff11\uff12", id="fullwidth"),
+    pytest.param("1" * 20, id="20-digits"),
+    pytest.param("9" * 5000, id="5000-digits"),
+    pytest.param(" 12", id="leading-space"),
+    pytest.param("+12", id="plus-sign"),
+]
+
+
+@pytest.mark.parametrize("value", NOT_ASCII_NUMBERS)
+@pytest.mark.parametrize("variable", ["WATCHDOG_USEC", "WATCHDOG_PID"])
+def test_watchdog_variables_take_only_ascii_digits(
+    clean_env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """A watchdog variable that is not 1-19 ASCII digits is a SystemdError: one line that
+    names the variable and shows at most the value's start, never a ValueError."""
+    clean_env.setenv("WATCHDOG_USEC", "10000000")
+    clean_env.setenv(variable, value)
+    with pytest.raises(SystemdError) as info:
+        systemd.watchdog_interval()
+    message = str(info.value)
+    assert message.startswith(f"{variable}=") and "\n" not in message
+    assert len(message) < 120
+
+
+def test_watchdog_usec_of_19_digits_is_accepted(clean_env: pytest.MonkeyPatch) -> None:
+    """The longest value taken, 19 ASCII digits (any 64-bit microsecond count), works."""
+    clean_env.setenv("WATCHDOG_USEC", "1" + "0" * 18)
+    assert systemd.watchdog_interval() == 5e11
+
+
 # --- listen_fds --------------------------------------------------------------------------
 
 # Runs in a subprocess so dup2() onto fds 3.. cannot clobber the test process's own fds.
@@ -481,6 +515,33 @@ def test_listen_fds_malformed(clean_env: pytest.MonkeyPatch, variable: str, valu
     clean_env.setenv("LISTEN_PID", str(os.getpid()))
     clean_env.setenv(variable, value)
     with pytest.raises(SystemdError, match=variable):
+        systemd.listen_fds()
+
+
+@pytest.mark.parametrize("value", NOT_ASCII_NUMBERS)
+@pytest.mark.parametrize("variable", ["LISTEN_FDS", "LISTEN_PID"])
+def test_listen_variables_take_only_ascii_digits(
+    clean_env: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """LISTEN_FDS/LISTEN_PID that are not 1-19 ASCII digits are a one-line SystemdError
+    naming the variable, never a ValueError."""
+    clean_env.setenv("LISTEN_FDS", "1")
+    clean_env.setenv("LISTEN_PID", str(os.getpid()))
+    clean_env.setenv(variable, value)
+    with pytest.raises(SystemdError) as info:
+        systemd.listen_fds()
+    message = str(info.value)
+    assert message.startswith(f"{variable}=") and "\n" not in message
+    assert len(message) < 120
+
+
+def test_listen_fds_beyond_the_descriptor_limit_is_an_error(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    """A LISTEN_FDS larger than the process can have open is an error, not a huge list."""
+    clean_env.setenv("LISTEN_FDS", "9" * 19)
+    clean_env.setenv("LISTEN_PID", str(os.getpid()))
+    with pytest.raises(SystemdError, match="LISTEN_FDS="):
         systemd.listen_fds()
 
 
@@ -771,3 +832,6 @@ def test_journal_stream_matches(clean_env: pytest.MonkeyPatch, short_tmp: Path) 
         assert not systemd.journal_stream_matches([999])
         clean_env.setenv("JOURNAL_STREAM", "garbage")
         assert not systemd.journal_stream_matches([stream.fileno()])
+        for value in ("\u00b2:1", f"{st.st_dev}:\u00b2", "9" * 5000 + ":1"):
+            clean_env.setenv("JOURNAL_STREAM", value)  # malformed: no match, no ValueError
+            assert not systemd.journal_stream_matches([stream.fileno()])
