@@ -43,8 +43,10 @@ EVENTS: Final = {
         "taken from the listen queue), timeout_s"
     ),
     "server.stopped": (
-        "the drain ended: finished, cut, backlog, backlog_closed (taken from the listen "
-        "queue but closed unserved, with a FIN), duration_ms"
+        "the drain ended: finished, unanswered (ended during the drain having received "
+        "bytes but sent none, not cut: a handler that closed without answering; not "
+        "counted in finished), cut, backlog, backlog_closed (taken from the listen queue "
+        "but closed unserved, with a FIN), duration_ms"
     ),
     "server.error": "a runtime failure outside any connection: error, where",
     "conn.open": "a connection was accepted (debug level: conn.close carries everything)",
