@@ -104,8 +104,7 @@ from sockd.protocol import (
     MAX_STOP_TIMEOUT,
     ErrorCode,
     path_entries,
-    sticky,
-    writable_by_others,
+    untrusted_entry,
 )
 
 if TYPE_CHECKING:
@@ -1363,23 +1362,24 @@ def _check_directory(path: str) -> bool:
         raise ControlError(
             f"cannot create control socket {path}: {exc.filename}: {exc.strerror}"
         ) from None
-    for index, entry in enumerate(entries):
+    found = untrusted_entry(
+        entries, (0, euid), lambda index: not (complete and index == len(entries) - 1)
+    )
+    if found is not None:
+        entry, why = found
         info = entry.info
         kind = "symlink" if entry.is_link else "directory"
-        problem = None
-        if info.st_uid not in (0, euid):
-            problem = f"is owned by {_who(info.st_uid)}"
-        elif not entry.is_link and writable_by_others(info):
-            own_directory = complete and index == len(entries) - 1
-            if own_directory or not sticky(info):
-                problem = f"is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
-        if problem is not None:
-            raise ControlError(
-                f"refusing to create control socket {path}: {kind} {entry.path} {problem}; "
-                f"the socket's directory and those above it must belong to root or "
-                f"{_who(euid)} and not be writable by others (a directory above may be, "
-                "with the sticky bit, like /tmp), or another user could replace the socket"
-            )
+        problem = (
+            f"is owned by {_who(info.st_uid)}"
+            if why == "owner"
+            else f"is writable by others (mode {stat.S_IMODE(info.st_mode):04o})"
+        )
+        raise ControlError(
+            f"refusing to create control socket {path}: {kind} {entry.path} {problem}; "
+            f"the socket's directory and those above it must belong to root or "
+            f"{_who(euid)} and not be writable by others (a directory above may be, "
+            "with the sticky bit, like /tmp), or another user could replace the socket"
+        )
     return complete
 
 

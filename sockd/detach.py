@@ -22,7 +22,7 @@ import daemon as python_daemon  # type: ignore[import-untyped]  # ships no type 
 
 from sockd.config import Config
 from sockd.errors import ConfigError, SockdError
-from sockd.protocol import ExitCode, path_entries, sticky, writable_by_others
+from sockd.protocol import ExitCode, path_entries, untrusted_entry
 
 #: The pid file's mode: readable by everyone, as monitors and init scripts expect.
 PIDFILE_MODE = 0o644
@@ -118,21 +118,22 @@ class PidFile:
                 f"cannot use pid file {self.path}: {directory}: {os.strerror(errno.ENOENT)}"
             )
         euid = os.geteuid()
-        for entry in entries:
+        found = untrusted_entry(entries, (euid, 0), lambda _index: True)
+        if found is not None:
+            entry, why = found
             info = entry.info
             kind = "symlink" if entry.is_link else "directory"
-            if info.st_uid not in (euid, 0):
+            if why == "owner":
                 raise PidFileError(
                     f"pid file {self.path}: {kind} {entry.path} is owned by uid "
                     f"{info.st_uid}; expected every directory and symlink on the path to "
                     f"belong to sockd's user (uid {euid}) or root"
                 )
-            if not entry.is_link and writable_by_others(info) and not sticky(info):
-                raise PidFileError(
-                    f"pid file {self.path}: directory {entry.path}, which others may write "
-                    f"to (mode {stat.S_IMODE(info.st_mode):04o}), is not sticky; expected "
-                    "directories only sockd's user can change, such as /run/sockd"
-                )
+            raise PidFileError(
+                f"pid file {self.path}: directory {entry.path}, which others may write "
+                f"to (mode {stat.S_IMODE(info.st_mode):04o}), is not sticky; expected "
+                "directories only sockd's user can change, such as /run/sockd"
+            )
 
     def _check_file(self, info: os.stat_result) -> None:
         euid = os.geteuid()

@@ -15,9 +15,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Final
+from typing import Final, Literal
 
 #: Bumped on any incompatible change to an endpoint's request or response shape.
 API_VERSION: Final = 1
@@ -152,3 +153,27 @@ def writable_by_others(info: os.stat_result) -> bool:
 def sticky(info: os.stat_result) -> bool:
     """The sticky bit: only an entry's owner (or the directory's) may rename or remove it."""
     return bool(info.st_mode & stat.S_ISVTX)
+
+
+def untrusted_entry(
+    entries: list[PathEntry], owners: Collection[int], sticky_ok: Callable[[int], bool]
+) -> tuple[PathEntry, Literal["owner", "writable"]] | None:
+    """The first entry another user could replace, and why, as sshd's StrictModes judges.
+
+    An entry must belong to one of ``owners``; a directory may be writable by group or
+    others only with the sticky bit, and only where ``sticky_ok(index)`` allows it (the
+    control socket's own directory never: anyone could plant a socket in it). Returns
+    the entry and what is wrong with it (its owner, or others' write permission), or
+    None when the whole path is trusted; callers word the refusal for their file.
+    """
+    for index, entry in enumerate(entries):
+        info = entry.info
+        if info.st_uid not in owners:
+            return entry, "owner"
+        if (
+            not entry.is_link
+            and writable_by_others(info)
+            and not (sticky(info) and sticky_ok(index))
+        ):
+            return entry, "writable"
+    return None
