@@ -296,11 +296,15 @@ FOLLOW_QUEUE_EVENTS: Final = 10_000
 FOLLOW_QUEUE_BYTES: Final = 4 * 1024 * 1024
 #: The fan-out thread hands new events to followers this often (seconds): the logging
 #: call itself only appends to the ring. It is also the latency of ``sockctl logs -f``.
-FOLLOW_INTERVAL: Final = 0.1
+#: Each hand-out wakes every reading follower's thread, and each wake takes the GIL from
+#: the connection threads: measured with 60 followers (bench/followers.py, 2 cores),
+#: 0.1 s cost 10-13% of the connection rate, 0.25 s 3%.
+FOLLOW_INTERVAL: Final = 0.25
 #: Events per batch handed to followers, the unit in which a full queue drops.
 FOLLOW_BATCH: Final = 500
 #: While anyone follows, the ring keeps at least this many events, so the fan-out thread
-#: cannot fall behind the ring between two runs below ~100,000 events a second.
+#: cannot fall behind the ring between two runs below ~40,000 events a second (faster,
+#: followers get a ``logs.dropped`` line for what the ring let go).
 _FOLLOW_RING: Final = 10_000
 #: Bytes one ``Subscription.read`` returns at most; the rest stays queued (bounded).
 _READ_BYTES: Final = 1024 * 1024
