@@ -1,8 +1,10 @@
 """sockd: run a ``socketserver`` request handler as a production service.
 
 The package is split by owner: ``config`` (settings), ``logs`` (structlog set-up),
-``server`` (our socketserver subclasses and connection accounting), ``handlers``
-(built-in handlers), ``control`` (the control channel), ``systemd`` (notify, listen
+serving in ``listeners`` (our socketserver subclasses), ``acceptor`` (the accept
+loop), ``admission`` (access rules, rates, capacity, timeouts) and ``connections``
+(accounting, the canonical line), ``handlers`` (the handler base class and built-in
+handlers), ``control`` (the control channel), ``systemd`` (notify, listen
 fds, journal), ``daemon`` (lifecycle) and ``cli`` (the ``sockd`` command).
 """
 

@@ -39,28 +39,22 @@ from typing import Any, Final
 import structlog
 
 from sockd import __version__, metrics, systemd
+from sockd.acceptor import Acceptor
+from sockd.admission import REFUSAL_REASONS, THROTTLE_REASONS, Hub
 from sockd.config import Address, Config, diff, load, redact_changes, to_dict
+from sockd.connections import Connection, Registry, close_gently, log_close
 from sockd.control import BackendConflict, BackendUnavailable, ControlServer, ReloadOutcome
 from sockd.errors import ConfigError, ControlError, StartupError
-from sockd.logs import LogSystem, PreparedLogging, Subscription
-from sockd.protocol import API_VERSION, LOG_LEVELS, State
-from sockd.server import (
+from sockd.listeners import (
     LISTENER_CLASSES,
-    REFUSAL_REASONS,
-    THROTTLE_REASONS,
-    Acceptor,
-    Connection,
-    Hub,
     Listener,
-    Registry,
     accept_queue_length,
     bind_socket,
-    close_gently,
     finish_child,
-    log_close,
     stop_handshakes,
-    tcp_stats,
 )
+from sockd.logs import LogSystem, PreparedLogging, Subscription
+from sockd.protocol import API_VERSION, LOG_LEVELS, State
 
 #: ``shutdown_timeout`` is the stop's deadline: the process exits within it plus this.
 EXIT_MARGIN: Final = 0.5
@@ -620,39 +614,15 @@ class Daemon:
 
     def _housekeeping(self, now: float) -> None:
         self.registry.flush_refusals(self.log, now)
-        idle = self.hub.settings.idle_timeout
-        if idle:
-            self._close_idle(idle * 1000)
-        longest = self.hub.settings.max_connection_duration
-        if longest:
-            self._close_expired(longest)
+        self.hub.sweep()  # idle_timeout, max_connection_duration
         status = self._status_line()
         if status != self._last_status:
             self.notifier.status(status)
             self._last_status = status
 
-    def _close_idle(self, limit_ms: float) -> None:
-        """Close connections that sent nothing for ``idle_timeout`` (kernel-measured)."""
-        now = time.monotonic()
-        for conn in self.registry.snapshot():
-            if conn.close_reason is not None or (now - conn.started) * 1000 < limit_ms:
-                continue
-            stats = tcp_stats(conn.sock)
-            if stats is not None and stats.idle_ms >= limit_ms:
-                self._cut(conn, "idle_timeout")
-
-    def _close_expired(self, limit_s: float) -> None:
-        """Close connections older than ``max_connection_duration``, busy or not."""
-        now = time.monotonic()
-        for conn in self.registry.snapshot():
-            if conn.close_reason is None and now - conn.started >= limit_s:
-                self._cut(conn, "max_duration")
-
     @staticmethod
     def _cut(conn: Connection, reason: str) -> None:
-        conn.close_reason = reason
-        with contextlib.suppress(OSError):
-            conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.cut(reason)
 
     def _reap(self) -> None:
         if not self.registry.children:

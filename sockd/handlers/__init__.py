@@ -24,7 +24,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, TypeVar, overload
 
-from sockd.server import SockdHandler, input_pending
+from sockd.connections import input_pending
+from sockd.handlers.base import SockdHandler
 
 __all__ = ["ActionError", "EchoHandler", "JSONActionHandler", "SockdHandler", "action"]
 

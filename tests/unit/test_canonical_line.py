@@ -10,8 +10,8 @@ import pytest
 
 from sockd import logs
 from sockd.config import LoggingConfig
+from sockd.connections import Connection, TrafficStats, log_close
 from sockd.handlers import EchoHandler
-from sockd.server import Connection, TrafficStats, log_close
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sockd.server import PeerRates
+from sockd.admission import PeerRates
 
 
 def test_a_burst_then_the_rate() -> None:
