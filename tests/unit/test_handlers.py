@@ -9,12 +9,15 @@ import socket
 import termios
 import threading
 import time
+import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
+import structlog
 
-from sockd.handlers import ActionError, EchoHandler, JSONActionHandler, action
+from sockd.connections import Connection, ConnSocket
+from sockd.handlers import ActionError, EchoHandler, JSONActionHandler, SockdHandler, action
 
 
 class Shop(JSONActionHandler):
@@ -176,6 +179,60 @@ def test_works_under_bare_socketserver_without_options() -> None:
     finally:
         client.close()
         thread.join(10)
+
+
+class _Recorder(SockdHandler):
+    """Records what it has when ``setup()`` runs; handles nothing."""
+
+    seen: ClassVar[list[tuple[Any, Any, Any]]] = []
+
+    def setup(self) -> None:
+        self.seen.append((self.options, self.draining, self.log))
+
+    def handle(self) -> None:
+        pass
+
+
+def test_sockd_equips_the_handler_through_its_own_constructor() -> None:
+    """Options, drain flag and logger come from the accepted socket and the listener's hub."""
+    ours, theirs = socket.socketpair()
+    request = ConnSocket(ours.family, ours.type, ours.proto, fileno=ours.detach())
+    conn = Connection(
+        1,
+        request,
+        ("127.0.0.1", 5000),
+        "127.0.0.1:9000",
+        "127.0.0.1",
+        _Recorder,
+        {"tag": "x"},
+        structlog.get_logger(),
+    )
+    request.sockd_conn = conn
+    listener = types.SimpleNamespace(hub=types.SimpleNamespace(draining=threading.Event()))
+    _Recorder.seen.clear()
+    try:
+        _Recorder(request, ("127.0.0.1", 5000), listener)  # type: ignore[arg-type]
+    finally:
+        request.close()
+        theirs.close()
+    [(options, draining, log)] = _Recorder.seen
+    assert options is conn.options
+    assert draining is listener.hub.draining
+    assert log is conn.log
+
+
+def test_bare_socketserver_handlers_share_no_defaults() -> None:
+    """Without sockd each handler has its own empty options and its own unset drain flag."""
+    _Recorder.seen.clear()
+    for _ in range(2):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            _Recorder(ours, ("test", 0), None)  # type: ignore[arg-type]
+    [(options_a, draining_a, _), (options_b, draining_b, _)] = _Recorder.seen
+    assert options_a == options_b == {}
+    assert options_a is not options_b
+    assert draining_a is not draining_b
+    assert not draining_a.is_set()
 
 
 def test_echo_handler_echoes_until_close() -> None:
