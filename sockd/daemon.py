@@ -38,10 +38,10 @@ from typing import Any, Final
 
 import structlog
 
-from sockd import __version__, metrics, systemd
+from sockd import __version__, systemd
 from sockd.acceptor import Acceptor
-from sockd.admission import REFUSAL_REASONS, THROTTLE_REASONS, Hub
-from sockd.config import Address, Config, diff, load, redact_changes, to_dict
+from sockd.admission import Hub
+from sockd.config import Address, Config, diff, load, redact_changes
 from sockd.connections import Connection, Registry, close_gently, log_close
 from sockd.control import BackendConflict, BackendUnavailable, ControlServer, ReloadOutcome
 from sockd.errors import ConfigError, ControlError, StartupError
@@ -54,7 +54,8 @@ from sockd.listeners import (
     stop_handshakes,
 )
 from sockd.logs import LogSystem, PreparedLogging, Subscription
-from sockd.protocol import API_VERSION, LOG_LEVELS, State
+from sockd.protocol import LOG_LEVELS, State
+from sockd.views import Views
 
 #: ``shutdown_timeout`` is the stop's deadline: the process exits within it plus this.
 EXIT_MARGIN: Final = 0.5
@@ -215,6 +216,7 @@ class Daemon:
         self.hub = Hub(config.server, config.handler_class(), self.registry)
         self.hub.log = self.log
         self.acceptor = Acceptor(self.hub)
+        self.views = Views(self, self.registry, self.hub, self.acceptor, self.logs)
         self.control: ControlServer | None = None
         self.notifier = systemd.Notifier(on_error=self._notify_failed)
         self._notify_errors: set[str] = set()
@@ -982,33 +984,12 @@ class Daemon:
                 listener.socket.close()
 
     # ------------------------------------------------------------------ ControlBackend
+    # The read views are ``self.views`` (sockd.views); the state changes are below.
     def status(self) -> dict[str, Any]:
-        counters = self.registry.counters
-        return {
-            "api_version": API_VERSION,
-            "pid": os.getpid(),
-            "version": __version__,
-            "state": str(self.state),
-            "started_at": _iso(self.started_wall),
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "mode": self.hub.settings.mode,
-            "handler": self.config.server.handler,
-            "listen": [lst.label for lst in self.acceptor.listeners.values()],
-            "config_path": self.config_path,
-            "generation": self.generation,
-            "log_level": self.logs.level_name,
-            "connections": {
-                "active": self.registry.count(),
-                "total": counters.total,
-                "refused": sum(counters.refused.values()),
-            },
-            "last_reload": self.last_reload.as_dict() if self.last_reload else None,
-            "supervisor": self.supervisor,
-        }
+        return self.views.status()
 
     def connections(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        return [c.describe(now) for c in sorted(self.registry.snapshot(), key=lambda c: c.id)]
+        return self.views.connections()
 
     def close_connection(self, conn_id: int) -> bool:
         conn = self.registry.get(conn_id)
@@ -1018,11 +999,7 @@ class Daemon:
         return True
 
     def effective_config(self) -> dict[str, Any]:
-        return {
-            "path": self.config_path,
-            "generation": self.generation,
-            "config": to_dict(self.config),
-        }
+        return self.views.effective_config()
 
     def reload_check(self) -> ReloadOutcome:
         """A dry run: the config file validated (off the main thread, like a reload's: it
@@ -1093,80 +1070,10 @@ class Daemon:
         return {"reopened": True, "output": self.logs.sink.target}
 
     def metrics_text(self) -> str:
-        counters = self.registry.counters
-        return metrics.render(
-            [
-                metrics.gauge(
-                    "sockd_connections_open", "Connections open now.", self.registry.count()
-                ),
-                metrics.counter("sockd_connections_total", "Connections accepted.", counters.total),
-                metrics.labelled_counter(
-                    "sockd_connections_refused_total",
-                    "Connections refused by a limit or access rule.",
-                    "reason",
-                    # Every reason from the start, at 0: rate() alerts work before the
-                    # first refusal, and a typo in one shows as a missing series.
-                    {**dict.fromkeys(REFUSAL_REASONS, 0), **counters.refused},
-                ),
-                metrics.counter(
-                    "sockd_bytes_received_total",
-                    "Bytes received on closed connections.",
-                    counters.bytes_in,
-                ),
-                metrics.counter(
-                    "sockd_bytes_sent_total",
-                    "Bytes sent on closed connections.",
-                    counters.bytes_out,
-                ),
-                metrics.counter(
-                    "sockd_handler_errors_total",
-                    "Connections whose handler raised.",
-                    counters.handler_errors,
-                ),
-                metrics.counter(
-                    "sockd_accept_errors_total", "accept() failures.", counters.accept_errors
-                ),
-                metrics.labelled_counter(
-                    "sockd_throttled_total",
-                    "Times accepting paused at a limit (new connections wait in the backlog).",
-                    "reason",
-                    {**dict.fromkeys(THROTTLE_REASONS, 0), **counters.throttled},
-                ),
-                metrics.counter(
-                    "sockd_threads_started_total",
-                    "Threading mode: connection threads started (other connections reused one).",
-                    self.hub.workers.started,
-                ),
-                metrics.gauge(
-                    "sockd_threads_spare",
-                    "Threading mode: finished threads waiting to serve the next connection.",
-                    self.hub.workers.spare,
-                ),
-                metrics.counter(
-                    "sockd_children_killed_total",
-                    "Forked children that ended by a signal.",
-                    counters.children_killed,
-                ),
-                metrics.labelled_counter(
-                    "sockd_reloads_total", "Reloads by result.", "result", self.reloads
-                ),
-                metrics.gauge(
-                    "sockd_uptime_seconds",
-                    "Seconds since start.",
-                    round(time.monotonic() - self.started, 3),
-                ),
-                metrics.gauge(
-                    "sockd_info",
-                    "Version and mode.",
-                    1,
-                    version=__version__,
-                    mode=self.hub.settings.mode,
-                ),
-            ]
-        )
+        return self.views.metrics_text()
 
     def log_history(self, n: int, min_level: str) -> list[dict[str, Any]]:
-        return self.logs.ring.history(n, min_level)
+        return self.views.log_history(n, min_level)
 
     def log_subscribe(self, min_level: str) -> Subscription:
-        return self.logs.ring.subscribe(min_level)
+        return self.views.log_subscribe(min_level)
