@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sockd import logs
+from sockd.protocol import iso_time
 
 #: Offsets into Linux's ``struct tcp_info`` (stable ABI: fields are only ever appended).
 _TCPI_LEN: Final = 216
@@ -196,7 +197,7 @@ class Connection:
             "peer_addr": self.peer_addr,
             "peer_port": self.peer_port,
             "listen": self.listen,
-            "started_at": _iso(self.started_wall),
+            "started_at": iso_time(self.started_wall),
             "age_s": round(now - self.started, 3),
             "bytes_in": stats.bytes_in if stats else None,
             "bytes_out": stats.bytes_out if stats else None,
@@ -204,10 +205,6 @@ class Connection:
             "pid": self.pid,
             "handler": f"{self.handler_cls.__module__}:{self.handler_cls.__qualname__}",
         }
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
 
 
 class Counters:

@@ -6,7 +6,7 @@ handler can deadlock on a lock the interrupted code holds. ``signal.set_wakeup_f
 makes the main thread's ``select`` return whichever thread the kernel delivered the
 signal to, so a stop is handled in microseconds, not at the next poll.
 
-The serving loop runs in its own thread (``server.Acceptor``); ``shutdown()`` is called
+The serving loop runs in its own thread (``sockd.acceptor.Acceptor``); ``shutdown()`` is called
 from the main thread, never from the serving thread (that would deadlock), and the
 drain that follows has a deadline (the standard library's join on close has none).
 
@@ -54,7 +54,7 @@ from sockd.listeners import (
     stop_handshakes,
 )
 from sockd.logs import LogSystem, PreparedLogging, Subscription
-from sockd.protocol import LOG_LEVELS, State
+from sockd.protocol import LOG_LEVELS, State, iso_time
 from sockd.views import Views
 
 #: ``shutdown_timeout`` is the stop's deadline: the process exits within it plus this.
@@ -115,7 +115,7 @@ class ReloadRecord:
         """As ``GET /v1/status`` shows it to every role: secret settings' values hidden
         (an admin reads them in ``GET /v1/config`` or the reload's own answer)."""
         return {
-            "at": _iso(self.at),
+            "at": iso_time(self.at),
             "result": self.result,
             "generation": self.generation,
             "changes": redact_changes(self.changes),
@@ -184,10 +184,6 @@ def _fd_capacity() -> int:
     except OSError:
         in_use = 16
     return max(1, soft - in_use - FD_RESERVE)
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
 
 
 class Daemon:
@@ -622,10 +618,6 @@ class Daemon:
             self.notifier.status(status)
             self._last_status = status
 
-    @staticmethod
-    def _cut(conn: Connection, reason: str) -> None:
-        conn.cut(reason)
-
     def _reap(self) -> None:
         if not self.registry.children:
             return
@@ -951,7 +943,7 @@ class Daemon:
         if not leftover:
             return 0
         for conn in leftover:
-            self._cut(conn, "drain_deadline")
+            conn.cut("drain_deadline")
         grace_end = time.monotonic() + CUT_GRACE
         while self.registry.count() and time.monotonic() < grace_end:
             self._wait(min(0.05, max(0.0, grace_end - time.monotonic())))
@@ -995,7 +987,7 @@ class Daemon:
         conn = self.registry.get(conn_id)
         if conn is None:
             return False
-        self._cut(conn, "kicked")
+        conn.cut("kicked")
         return True
 
     def effective_config(self) -> dict[str, Any]:

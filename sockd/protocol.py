@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
@@ -82,6 +83,11 @@ class ExitCode(IntEnum):
     PERMISSION = 4
     VERSION_MISMATCH = 5
     CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop
+
+
+def iso_time(ts: float) -> str:
+    """A wall-clock time as the control API writes it: UTC, microseconds, ``Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
 
 
 # --------------------------------------------------------------------------- socket paths

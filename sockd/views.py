@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sockd import __version__, metrics
 from sockd.admission import REFUSAL_REASONS, THROTTLE_REASONS
 from sockd.config import Config, to_dict
-from sockd.protocol import API_VERSION, State
+from sockd.protocol import API_VERSION, State, iso_time
 
 if TYPE_CHECKING:
     from sockd.acceptor import Acceptor
@@ -76,11 +76,6 @@ class DaemonState(Protocol):
     def supervisor(self) -> str | None:
         """``"systemd"`` when systemd started us, else None."""
         ...
-
-
-def iso_time(ts: float) -> str:
-    """A wall-clock time as the control API writes it: UTC, microseconds, ``Z``."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1e6):06d}Z"
 
 
 class Views:
