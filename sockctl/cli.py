@@ -28,6 +28,9 @@ import json
 import math
 import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +40,10 @@ import click
 from sockctl import render
 from sockctl.client import ControlClient, DaemonError, SockctlError, wait_until_stopped
 from sockd import __version__
-from sockd import config as sockd_config
-from sockd.errors import ConfigError
 from sockd.protocol import (
     API_VERSION,
     CONTROL_SOCKET_ENV,
+    DEFAULT_CONFIG_PATH,
     DEFAULT_CONTROL_SOCKET,
     LOG_LEVEL_ALIASES,
     LOG_LEVELS,
@@ -50,6 +52,7 @@ from sockd.protocol import (
     MAX_STOP_TIMEOUT,
     ErrorCode,
     ExitCode,
+    relative_to_config,
 )
 
 __all__ = ["ConfigFileError", "Settings", "SockctlGroup", "main"]
@@ -115,10 +118,8 @@ def socket_from_config(path: str) -> str:
     control = data.get("control")
     value = control.get("socket") if isinstance(control, dict) else None
     if isinstance(value, str) and value:
-        resolved: str = sockd_config.relative_to_config(value, path)  # as sockd reads it
-        return resolved
-    default: str = sockd_config.SETTINGS_BY_KEY["control.socket"].default
-    return default
+        return relative_to_config(value, path)  # as sockd reads it
+    return DEFAULT_CONTROL_SOCKET
 
 
 @dataclass
@@ -618,12 +619,12 @@ def reopen_logs(settings: Settings) -> None:
 @main.command()
 @pass_settings
 def stats(settings: Settings) -> None:
-    """Show the daemon's metrics, readable."""
-    samples = render.parse_metrics(settings.client().metrics())
+    """Show the daemon's metrics, readable (GET /v1/stats: the numbers of /metrics)."""
+    answer = settings.client().stats()
     if settings.json:
-        _emit_json([sample.as_json() for sample in samples])
+        _emit_json(answer)
     else:
-        click.echo(render.metrics_view(samples))
+        click.echo(render.metrics_view(render.stats_samples(answer)))
 
 
 @main.command()
@@ -671,28 +672,64 @@ def logs(settings: Settings, lines: int, follow: bool, level: str) -> None:
         click.echo("sockctl: sockd closed the log stream (stopped?)", err=True)
 
 
+def sockd_command() -> list[str] | None:
+    """How to run the ``sockd`` that came with this sockctl, or None if there is none.
+
+    The ``sockd`` script next to the interpreter running sockctl (the same virtualenv or
+    prefix, so the same version and the same handler imports), else the first ``sockd``
+    on ``$PATH``.
+    """
+    beside = os.path.join(os.path.dirname(sys.executable), "sockd")
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return [beside]
+    found = shutil.which("sockd")
+    return [found] if found else None
+
+
+def _check_problems(stderr: str, path: str) -> list[str]:
+    """The problems in ``sockd --check-config``'s stderr (``sockd: PATH: problem``)."""
+    problems = []
+    for line in stderr.splitlines():
+        text = line.removeprefix("sockd: ")
+        text = text.removeprefix(f"{os.path.abspath(path)}: ")
+        if text.strip():
+            problems.append(text)
+    return problems
+
+
 @main.command()
 @click.argument("path", metavar="[CONFIG]", required=False)
 @pass_settings
 def check(settings: Settings, path: str | None) -> None:
-    """Validate a sockd config file offline.
+    """Validate a sockd config file offline: runs `sockd --check-config`.
 
-    Checks what `sockd --check-config` checks, without a running daemon.
+    Relays its output and exit status, as `nginx -t` does: 0 valid, 78 invalid (every
+    problem on its own line). The sockd used is the one next to sockctl's Python, else
+    the first on $PATH; exit 1 when there is none. No daemon needs to run.
 
-    CONFIG defaults to --config, else /etc/sockd/sockd.toml. Exits 78 when invalid.
+    CONFIG defaults to --config, else /etc/sockd/sockd.toml.
     """
-    target = path or settings.config or sockd_config.DEFAULT_CONFIG_PATH
-    from sockd.cli import import_path_from_working_directory
-
-    import_path_from_working_directory()  # handler imports as sockd does
+    target = path or settings.config or DEFAULT_CONFIG_PATH
+    command = sockd_command()
+    if command is None:
+        raise SockctlError(
+            "cannot check: no sockd executable next to sockctl's Python "
+            f"({os.path.dirname(sys.executable)}) or on $PATH"
+        )
     try:
-        sockd_config.load(target)
-        problems: list[str] = []
-    except ConfigError as exc:
-        problems = exc.problems
+        done = subprocess.run(  # noqa: S603 -- our own sockd, a list argv, no shell
+            [*command, "--check-config", "--config", target],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:
+        raise SockctlError(f"cannot run {command[0]}: {exc.strerror or exc}") from None
     if settings.json:
-        _emit_json({"path": target, "ok": not problems, "problems": problems})
+        problems = _check_problems(done.stderr, target) if done.returncode else []
+        _emit_json({"path": target, "ok": done.returncode == 0, "problems": problems})
     else:
-        click.echo(render.check_view(target, problems))
-    if problems:
-        raise click.exceptions.Exit(ExitCode.CONFIG)
+        click.echo(done.stdout, nl=False)
+        click.echo(done.stderr, nl=False, err=True)
+    if done.returncode:
+        raise click.exceptions.Exit(done.returncode)

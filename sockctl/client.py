@@ -35,7 +35,7 @@ import stat
 import struct
 import time
 from collections.abc import Generator, Iterable
-from typing import Any, NotRequired, TypedDict, TypeVar, cast
+from typing import Any, TypeVar, cast
 from urllib.parse import urlencode
 
 from sockd import __version__
@@ -43,8 +43,24 @@ from sockd.protocol import (
     API_PREFIX,
     API_VERSION,
     API_VERSION_HEADER,
+    Change,
+    Closed,
+    ConfigDump,
+    Connection,
+    ConnectionCounts,
+    ConnectionList,
     ErrorCode,
     ExitCode,
+    LastReload,
+    LogEvent,
+    LogLevelResult,
+    ReloadResult,
+    ReopenResult,
+    Stat,
+    StateResult,
+    Stats,
+    Status,
+    StopResult,
     path_entries,
     writable_by_others,
 )
@@ -70,6 +86,7 @@ __all__ = [
     "ReopenResult",
     "SockctlError",
     "StateResult",
+    "Stats",
     "Status",
     "StopResult",
     "UntrustedDaemon",
@@ -83,114 +100,8 @@ MAX_LOG_LINE = 1024 * 1024
 
 
 # --- answers ------------------------------------------------------------------------
-
-
-class ConnectionCounts(TypedDict):
-    active: int
-    total: int
-    refused: int
-
-
-class Change(TypedDict):
-    key: str
-    old: Any
-    new: Any
-
-
-class LastReload(TypedDict):
-    at: str
-    result: str
-    generation: int
-    changes: NotRequired[list[Change]]
-    errors: NotRequired[list[str]]
-
-
-class _OptionalStatus(TypedDict, total=False):
-    """Status keys a daemon may lack (``total=False``: ``NotRequired`` written as a
-    string annotation, as ``from __future__ import annotations`` makes it, is still
-    counted as required by Python 3.11's ``__required_keys__``)."""
-
-    #: ``"systemd"`` when systemd started the daemon (``$NOTIFY_SOCKET`` or
-    #: ``$INVOCATION_ID`` in its environment), else None.
-    supervisor: str | None
-
-
-class Status(_OptionalStatus):
-    api_version: int
-    pid: int
-    version: str
-    state: str
-    started_at: str
-    uptime_s: float
-    mode: str
-    handler: str
-    listen: list[str]
-    config_path: str | None
-    generation: int
-    log_level: str
-    connections: ConnectionCounts
-    last_reload: LastReload | None
-
-
-class Connection(TypedDict):
-    id: int
-    peer: str
-    listen: str
-    started_at: str
-    age_s: float
-    bytes_in: int | None  # None when the kernel's TCP_INFO could not be read
-    bytes_out: int | None
-    pid: int | None
-
-
-class ConnectionList(TypedDict):
-    connections: list[Connection]
-
-
-class Closed(TypedDict):
-    closed: int
-
-
-class ConfigDump(TypedDict):
-    path: str | None
-    generation: int
-    config: dict[str, dict[str, Any]]
-
-
-class ReloadResult(TypedDict):
-    result: str
-    generation: int
-    changes: list[Change]
-
-
-class _OptionalStopResult(TypedDict, total=False):
-    #: As in ``Status``: ``"systemd"`` when systemd started the daemon.
-    supervisor: str | None
-
-
-class StopResult(_OptionalStopResult):
-    state: str
-    timeout: float
-    active: int
-
-
-class StateResult(TypedDict):
-    state: str
-
-
-class LogLevelResult(TypedDict):
-    level: str
-    previous: str
-
-
-class ReopenResult(TypedDict):
-    reopened: bool
-    output: str
-
-
-#: One structured log event as the daemon's ring buffer holds it (``event``, ``level``,
-#: ``timestamp`` and free-form fields).
-LogEvent = dict[str, Any]
+# The shapes are declared once, in ``sockd.protocol``, where the daemon's views are
+# typed by them too; they are re-exported here for the client's callers.
 
 _T = TypeVar("_T")
 
@@ -559,6 +470,15 @@ class ControlClient:
     def reopen_logs(self) -> ReopenResult:
         """``POST /v1/reopen-logs``."""
         return _shaped(self._call("POST", "/reopen-logs"), ReopenResult, "reopen-logs")
+
+    def stats(self) -> Stats:
+        """``GET /v1/stats``: every metric of ``GET /metrics`` with its samples, as JSON."""
+        answer = _shaped(self._call("GET", "/stats"), Stats, "stats")
+        if not isinstance(answer["metrics"], list):
+            raise ProtocolError("stats: expected a list of metrics")
+        for item in answer["metrics"]:
+            _shaped(item, Stat, "stats")
+        return answer
 
     def metrics(self) -> str:
         """``GET /metrics``: the Prometheus text exposition format, as text."""

@@ -29,13 +29,13 @@ from sockctl.client import (
     ReloadResult,
     ReopenResult,
     StateResult,
+    Stats,
     Status,
     StopResult,
 )
 
 __all__ = [
     "Sample",
-    "check_view",
     "closed_view",
     "config_view",
     "connections_table",
@@ -46,10 +46,10 @@ __all__ = [
     "log_level_view",
     "log_line",
     "metrics_view",
-    "parse_metrics",
     "reload_view",
     "reopen_view",
     "state_view",
+    "stats_samples",
     "status_view",
     "stop_view",
     "timestamp",
@@ -383,19 +383,12 @@ def closed_view(result: Closed) -> str:
     return f"closed connection {result['closed']}"
 
 
-def check_view(path: str, problems: Sequence[str]) -> str:
-    """``sockctl check``: ``PATH: OK``, or one ``PATH: problem`` line each."""
-    if not problems:
-        return f"{path}: OK"
-    return "\n".join(f"{path}: {problem}" for problem in problems)
-
-
 # --- metrics --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One line of the Prometheus text format."""
+    """One value of a metric (``GET /v1/stats``), with its labels."""
 
     name: str
     value: float
@@ -411,35 +404,13 @@ class Sample:
         return {"name": self.name, "labels": self.labels, "value": value}
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?\s*$")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
-
-
-def parse_metrics(text: str) -> list[Sample]:
-    """Parse the text exposition format 0.0.4; comments and unparsable lines are skipped.
-
-    Skipping rather than failing keeps ``sockctl stats`` useful when a newer daemon adds
-    something this parser does not know.
-    """
-    samples: list[Sample] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        match = _SAMPLE.match(line)
-        if not match:
-            continue
-        name, label_text, value_text = match.groups()
-        labels: dict[str, str] = {}
-        for label in _LABEL.finditer(label_text or ""):
-            labels[label[1]] = re.sub(r"\\.", lambda m: _UNESCAPE.get(m[0], m[0]), label[2])
-        try:
-            value = float(value_text)
-        except ValueError:
-            continue
-        samples.append(Sample(name, value, labels))
-    return samples
+def stats_samples(stats: Stats) -> list[Sample]:
+    """Every sample of a ``GET /v1/stats`` answer, flat, in the daemon's order."""
+    return [
+        Sample(metric["name"], float(sample["value"]), dict(sample["labels"]))
+        for metric in stats["metrics"]
+        for sample in metric["samples"]
+    ]
 
 
 def _number(value: float) -> str:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, TypeAlias, cast, get_type_hints
 
+from sockd import protocol
 from sockd.errors import ConfigError
 from sockd.protocol import DEFAULT_CONTROL_SOCKET, LOG_LEVELS
 
@@ -39,7 +40,8 @@ LogFormat: TypeAlias = Literal["json", "logfmt", "console"]
 OnLimit: TypeAlias = Literal["wait", "refuse"]
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-DEFAULT_CONFIG_PATH = "/etc/sockd/sockd.toml"
+#: Declared in sockd.protocol, which sockctl shares; ``sockd --config``'s default.
+DEFAULT_CONFIG_PATH = protocol.DEFAULT_CONFIG_PATH
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -712,11 +714,9 @@ def relative_to_config(value: Any, config_path: str, key: str = "control.socket"
     Not against the working directory: that is "/" after --daemon, and sockctl, which
     reads control.socket from the same file, runs from anywhere.
     """
-    if not isinstance(value, str) or not value or os.path.isabs(value):
+    if not isinstance(value, str) or (key == "logging.output" and value in _OUTPUT_WORDS):
         return value
-    if key == "logging.output" and value in _OUTPUT_WORDS:
-        return value
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_path)), value))
+    return protocol.relative_to_config(value, config_path)  # sockctl resolves it the same way
 
 
 def import_handler(path: str) -> type[socketserver.BaseRequestHandler]:

@@ -54,7 +54,8 @@ from sockd.listeners import (
     stop_handshakes,
 )
 from sockd.logs import LogSystem, PreparedLogging, Subscription
-from sockd.protocol import LOG_LEVELS, State, iso_time
+from sockd.protocol import LOG_LEVELS, ConfigDump, State, Stats, Status, iso_time
+from sockd.protocol import Connection as ConnectionInfo
 from sockd.views import Views
 
 #: ``shutdown_timeout`` is the stop's deadline: the process exits within it plus this.
@@ -977,10 +978,10 @@ class Daemon:
 
     # ------------------------------------------------------------------ ControlBackend
     # The read views are ``self.views`` (sockd.views); the state changes are below.
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         return self.views.status()
 
-    def connections(self) -> list[dict[str, Any]]:
+    def connections(self) -> list[ConnectionInfo]:
         return self.views.connections()
 
     def close_connection(self, conn_id: int) -> bool:
@@ -990,7 +991,7 @@ class Daemon:
         conn.cut("kicked")
         return True
 
-    def effective_config(self) -> dict[str, Any]:
+    def effective_config(self) -> ConfigDump:
         return self.views.effective_config()
 
     def reload_check(self) -> ReloadOutcome:
@@ -1063,6 +1064,9 @@ class Daemon:
 
     def metrics_text(self) -> str:
         return self.views.metrics_text()
+
+    def stats(self) -> Stats:
+        return self.views.stats()
 
     def log_history(self, n: int, min_level: str) -> list[dict[str, Any]]:
         return self.views.log_history(n, min_level)

@@ -1,8 +1,14 @@
 """Vocabulary shared by the daemon and ``sockctl``: API version, error codes, exit codes.
 
 This is a leaf module: it imports nothing from the package, so ``sockctl`` can use it
-without pulling in the daemon. Presentation (messages, tables) lives elsewhere; this
-module only fixes the names and numbers other tools depend on: the ranges of every
+without pulling in the daemon (``sockctl`` imports nothing else of ``sockd`` but the
+version; a test checks which modules ``import sockctl.cli`` loads). Presentation
+(messages, tables) lives elsewhere; this module only fixes the names and numbers other
+tools depend on: the answers' shapes (``TypedDict``: the daemon's views return them and
+``sockctl``'s client is typed by them, so mypy checks both ends against one
+declaration), the HTTP status of each error code (``STATUS_OF``), the metric catalogue
+(``METRICS``: name, kind, help, labels; ``GET /metrics`` and ``GET /v1/stats`` are both
+built from it), log levels, the default paths, the ranges of every
 number the control API accepts (both ends check them, so ``sockctl`` refuses locally
 what the daemon would refuse), and ``path_entries``, the walk over the directories a
 control-socket path passes through that both ends judge it by (sockd refuses to create
@@ -16,10 +22,10 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
-from typing import Final, Literal
+from typing import Any, Final, Literal, TypedDict
 
 #: Bumped on any incompatible change to an endpoint's request or response shape.
 API_VERSION: Final = 1
@@ -29,6 +35,7 @@ API_PREFIX: Final = "/v1"
 API_VERSION_HEADER: Final = "X-Sockd-Api-Version"
 
 DEFAULT_CONTROL_SOCKET: Final = "/run/sockd/control.sock"
+DEFAULT_CONFIG_PATH: Final = "/etc/sockd/sockd.toml"
 CONTROL_SOCKET_ENV: Final = "SOCKD_CONTROL_SOCKET"
 #: Bodies larger than this are refused with 413 before they are read.
 MAX_REQUEST_BODY: Final = 64 * 1024
@@ -73,6 +80,22 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+#: The HTTP status of each error code (docs/control-api.md lists the same table).
+STATUS_OF: Final[Mapping[ErrorCode, int]] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.METHOD_NOT_ALLOWED: 405,
+    ErrorCode.TIMEOUT: 408,
+    ErrorCode.CONFLICT: 409,
+    ErrorCode.LENGTH_REQUIRED: 411,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.INVALID_CONFIG: 422,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.UNAVAILABLE: 503,
+}
+
+
 class ExitCode(IntEnum):
     """Exit statuses of ``sockd`` and ``sockctl``, in the LSB/``systemctl`` tradition."""
 
@@ -83,6 +106,218 @@ class ExitCode(IntEnum):
     PERMISSION = 4
     VERSION_MISMATCH = 5
     CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop
+
+
+MetricKind = Literal["counter", "gauge"]
+
+
+# --------------------------------------------------------------------------- answers
+# The shapes of the control API's JSON answers (docs/control-api.md). ``sockd.views``
+# returns them, ``sockctl.client`` checks an answer has every required key of its shape.
+# A key a daemon may lack is declared in a ``total=False`` base: ``NotRequired`` written
+# as a string annotation (``from __future__ import annotations``) is still counted as
+# required by Python 3.11's ``__required_keys__``, which the client's check reads.
+
+
+class ConnectionCounts(TypedDict):
+    active: int
+    total: int
+    refused: int
+
+
+class Change(TypedDict):
+    key: str
+    old: Any
+    new: Any
+
+
+class _OptionalLastReload(TypedDict, total=False):
+    changes: list[Change]
+    errors: list[str]
+
+
+class LastReload(_OptionalLastReload):
+    at: str
+    result: str
+    generation: int
+
+
+class _OptionalStatus(TypedDict, total=False):
+    #: ``"systemd"`` when systemd started the daemon (``$NOTIFY_SOCKET`` or
+    #: ``$INVOCATION_ID`` in its environment), else None.
+    supervisor: str | None
+
+
+class Status(_OptionalStatus):
+    """``GET /v1/status``."""
+
+    api_version: int
+    pid: int
+    version: str
+    state: str
+    started_at: str
+    uptime_s: float
+    mode: str
+    handler: str
+    listen: list[str]
+    config_path: str | None
+    generation: int
+    log_level: str
+    connections: ConnectionCounts
+    last_reload: LastReload | None
+
+
+class Connection(TypedDict):
+    """One entry of ``GET /v1/connections``."""
+
+    id: int
+    peer: str
+    listen: str
+    started_at: str
+    age_s: float
+    bytes_in: int | None  # None when the kernel's TCP_INFO could not be read
+    bytes_out: int | None
+    pid: int | None
+
+
+class ConnectionList(TypedDict):
+    connections: list[Connection]
+
+
+class Closed(TypedDict):
+    closed: int
+
+
+class ConfigDump(TypedDict):
+    """``GET /v1/config``."""
+
+    path: str | None
+    generation: int
+    config: dict[str, dict[str, Any]]
+
+
+class ReloadResult(TypedDict):
+    result: str
+    generation: int
+    changes: list[Change]
+
+
+class _OptionalStopResult(TypedDict, total=False):
+    #: As in ``Status``: ``"systemd"`` when systemd started the daemon.
+    supervisor: str | None
+
+
+class StopResult(_OptionalStopResult):
+    state: str
+    timeout: float
+    active: int
+
+
+class StateResult(TypedDict):
+    state: str
+
+
+class LogLevelResult(TypedDict):
+    level: str
+    previous: str
+
+
+class ReopenResult(TypedDict):
+    reopened: bool
+    output: str
+
+
+class StatSample(TypedDict):
+    #: Empty for an unlabelled metric; ``{"reason": "max_connections"}`` for a labelled one.
+    labels: dict[str, str]
+    value: float
+
+
+class Stat(TypedDict):
+    """One metric of ``GET /v1/stats``: its catalogue entry and its current samples."""
+
+    name: str
+    kind: MetricKind
+    help: str
+    samples: list[StatSample]
+
+
+class Stats(TypedDict):
+    """``GET /v1/stats``: the numbers of ``GET /metrics``, as JSON, in catalogue order."""
+
+    metrics: list[Stat]
+
+
+#: One structured log event as the daemon's ring buffer holds it (``event``, ``level``,
+#: ``timestamp`` and free-form fields).
+LogEvent = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """A metric as ``GET /metrics`` declares it (``# HELP``, ``# TYPE``) and its labels."""
+
+    name: str
+    kind: MetricKind
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+#: Every metric the daemon exports, in the order it exports them. Adding one here and a
+#: value for it in ``sockd.views`` is all it takes (a test checks they agree).
+METRICS: Final[tuple[MetricSpec, ...]] = (
+    MetricSpec("sockd_connections_open", "gauge", "Connections open now."),
+    MetricSpec("sockd_connections_total", "counter", "Connections accepted."),
+    MetricSpec(
+        "sockd_connections_refused_total",
+        "counter",
+        "Connections refused by a limit or access rule.",
+        ("reason",),
+    ),
+    MetricSpec("sockd_bytes_received_total", "counter", "Bytes received on closed connections."),
+    MetricSpec("sockd_bytes_sent_total", "counter", "Bytes sent on closed connections."),
+    MetricSpec("sockd_handler_errors_total", "counter", "Connections whose handler raised."),
+    MetricSpec("sockd_accept_errors_total", "counter", "accept() failures."),
+    MetricSpec(
+        "sockd_throttled_total",
+        "counter",
+        "Times accepting paused at a limit (new connections wait in the backlog).",
+        ("reason",),
+    ),
+    MetricSpec(
+        "sockd_threads_started_total",
+        "counter",
+        "Threading mode: connection threads started (other connections reused one).",
+    ),
+    MetricSpec(
+        "sockd_threads_spare",
+        "gauge",
+        "Threading mode: finished threads waiting to serve the next connection.",
+    ),
+    MetricSpec("sockd_children_killed_total", "counter", "Forked children that ended by a signal."),
+    MetricSpec("sockd_reloads_total", "counter", "Reloads by result.", ("result",)),
+    MetricSpec("sockd_uptime_seconds", "gauge", "Seconds since start."),
+    MetricSpec("sockd_info", "gauge", "Version and mode.", ("mode", "version")),
+)
+METRICS_BY_NAME: Final[Mapping[str, MetricSpec]] = {spec.name: spec for spec in METRICS}
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def relative_to_config(value: str, config_path: str) -> str:
+    """A relative file path made absolute against the config file's directory.
+
+    Not against the working directory: that is "/" after --daemon, and sockctl, which
+    reads ``control.socket`` from the same file, runs from anywhere. Absolute paths and
+    empty strings are returned as they are.
+    """
+    if not value or os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(config_path)), value))
 
 
 def iso_time(ts: float) -> str:

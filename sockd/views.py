@@ -1,7 +1,8 @@
 """The daemon's read views: what the control channel's read endpoints answer.
 
-Owns the answers of ``GET /v1/status``, ``/v1/connections``, ``/v1/config``, ``/metrics``
-and ``/v1/logs`` (history and follow), built from the connection registry, the hub (the
+Owns the answers of ``GET /v1/status``, ``/v1/connections``, ``/v1/config``, ``/metrics``,
+``/v1/stats`` and ``/v1/logs`` (history and follow), typed by the shapes
+``sockd.protocol`` declares for ``sockctl`` too, built from the connection registry, the hub (the
 serving settings, the worker pool), the acceptor's listeners, the log system and the
 daemon's own state (``DaemonState``: generation, lifecycle state, last reload), which it
 only reads: the daemon's main thread is the one writer. ``Daemon`` delegates the read
@@ -19,12 +20,24 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from sockd import __version__, metrics
 from sockd.admission import REFUSAL_REASONS, THROTTLE_REASONS
 from sockd.config import Config, to_dict
-from sockd.protocol import API_VERSION, State, iso_time
+from sockd.protocol import (
+    API_VERSION,
+    METRICS,
+    METRICS_BY_NAME,
+    ConfigDump,
+    Connection,
+    LastReload,
+    State,
+    Stats,
+    Status,
+    iso_time,
+)
 
 if TYPE_CHECKING:
     from sockd.acceptor import Acceptor
@@ -95,7 +108,7 @@ class Views:
         self._acceptor = acceptor
         self._logs = logs
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         daemon, registry = self._daemon, self._registry
         counters = registry.counters
         last_reload = daemon.last_reload
@@ -117,15 +130,16 @@ class Views:
                 "total": counters.total,
                 "refused": sum(counters.refused.values()),
             },
-            "last_reload": last_reload.as_dict() if last_reload else None,
+            "last_reload": cast(LastReload, last_reload.as_dict()) if last_reload else None,
             "supervisor": daemon.supervisor,
         }
 
-    def connections(self) -> list[dict[str, Any]]:
+    def connections(self) -> list[Connection]:
         now = time.monotonic()
-        return [c.describe(now) for c in sorted(self._registry.snapshot(), key=lambda c: c.id)]
+        conns = sorted(self._registry.snapshot(), key=lambda c: c.id)
+        return [cast(Connection, c.describe(now)) for c in conns]
 
-    def effective_config(self) -> dict[str, Any]:
+    def effective_config(self) -> ConfigDump:
         daemon = self._daemon
         return {
             "path": daemon.config_path,
@@ -133,77 +147,63 @@ class Views:
             "config": to_dict(daemon.config),
         }
 
+    def _metrics(self) -> list[metrics.Metric]:
+        """Every metric of the catalogue (``sockd.protocol.METRICS``) with its samples now."""
+        registry, hub, counters = self._registry, self._hub, self._registry.counters
+        uptime = round(time.monotonic() - self._daemon.started, 3)
+        # Labelled counters list every reason from the start, at 0: rate() alerts work
+        # before the first refusal, and a typo in one shows as a missing series.
+        values: dict[str, float | Mapping[str, float]] = {
+            "sockd_connections_open": registry.count(),
+            "sockd_connections_total": counters.total,
+            "sockd_connections_refused_total": {
+                **dict.fromkeys(REFUSAL_REASONS, 0),
+                **counters.refused,
+            },
+            "sockd_bytes_received_total": counters.bytes_in,
+            "sockd_bytes_sent_total": counters.bytes_out,
+            "sockd_handler_errors_total": counters.handler_errors,
+            "sockd_accept_errors_total": counters.accept_errors,
+            "sockd_throttled_total": {**dict.fromkeys(THROTTLE_REASONS, 0), **counters.throttled},
+            "sockd_threads_started_total": hub.workers.started,
+            "sockd_threads_spare": hub.workers.spare,
+            "sockd_children_killed_total": counters.children_killed,
+            "sockd_reloads_total": self._daemon.reloads,
+            "sockd_uptime_seconds": uptime,
+        }
+        info = {"version": __version__, "mode": hub.settings.mode}
+        out: list[metrics.Metric] = []
+        for spec in METRICS:
+            if spec.name == "sockd_info":
+                samples: tuple[metrics.Sample, ...] = (metrics.Sample(1, info),)
+            else:
+                value = values[spec.name]
+                if isinstance(value, Mapping):
+                    (label,) = spec.labels
+                    samples = tuple(metrics.Sample(v, {label: k}) for k, v in sorted(value.items()))
+                else:
+                    samples = (metrics.Sample(value),)
+            out.append(metrics.Metric(spec.name, spec.kind, spec.help, samples))
+        return out
+
     def metrics_text(self) -> str:
-        registry, hub = self._registry, self._hub
-        counters = registry.counters
-        return metrics.render(
-            [
-                metrics.gauge("sockd_connections_open", "Connections open now.", registry.count()),
-                metrics.counter("sockd_connections_total", "Connections accepted.", counters.total),
-                metrics.labelled_counter(
-                    "sockd_connections_refused_total",
-                    "Connections refused by a limit or access rule.",
-                    "reason",
-                    # Every reason from the start, at 0: rate() alerts work before the
-                    # first refusal, and a typo in one shows as a missing series.
-                    {**dict.fromkeys(REFUSAL_REASONS, 0), **counters.refused},
-                ),
-                metrics.counter(
-                    "sockd_bytes_received_total",
-                    "Bytes received on closed connections.",
-                    counters.bytes_in,
-                ),
-                metrics.counter(
-                    "sockd_bytes_sent_total",
-                    "Bytes sent on closed connections.",
-                    counters.bytes_out,
-                ),
-                metrics.counter(
-                    "sockd_handler_errors_total",
-                    "Connections whose handler raised.",
-                    counters.handler_errors,
-                ),
-                metrics.counter(
-                    "sockd_accept_errors_total", "accept() failures.", counters.accept_errors
-                ),
-                metrics.labelled_counter(
-                    "sockd_throttled_total",
-                    "Times accepting paused at a limit (new connections wait in the backlog).",
-                    "reason",
-                    {**dict.fromkeys(THROTTLE_REASONS, 0), **counters.throttled},
-                ),
-                metrics.counter(
-                    "sockd_threads_started_total",
-                    "Threading mode: connection threads started (other connections reused one).",
-                    hub.workers.started,
-                ),
-                metrics.gauge(
-                    "sockd_threads_spare",
-                    "Threading mode: finished threads waiting to serve the next connection.",
-                    hub.workers.spare,
-                ),
-                metrics.counter(
-                    "sockd_children_killed_total",
-                    "Forked children that ended by a signal.",
-                    counters.children_killed,
-                ),
-                metrics.labelled_counter(
-                    "sockd_reloads_total", "Reloads by result.", "result", self._daemon.reloads
-                ),
-                metrics.gauge(
-                    "sockd_uptime_seconds",
-                    "Seconds since start.",
-                    round(time.monotonic() - self._daemon.started, 3),
-                ),
-                metrics.gauge(
-                    "sockd_info",
-                    "Version and mode.",
-                    1,
-                    version=__version__,
-                    mode=hub.settings.mode,
-                ),
+        return metrics.render(self._metrics())
+
+    def stats(self) -> Stats:
+        return {
+            "metrics": [
+                {
+                    "name": m.name,
+                    "kind": METRICS_BY_NAME[m.name].kind,
+                    "help": m.help,
+                    "samples": [
+                        {"labels": dict(sample.labels), "value": sample.value}
+                        for sample in m.samples
+                    ],
+                }
+                for m in self._metrics()
             ]
-        )
+        }
 
     def log_history(self, n: int, min_level: str) -> list[dict[str, Any]]:
         return self._logs.ring.history(n, min_level)

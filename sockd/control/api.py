@@ -22,6 +22,7 @@ POST         /v1/pause, /v1/resume       200 ``{"state": ...}``; 409 while drain
 PUT          /v1/log-level               200 ``{"level": ..., "previous": ...}``
 POST         /v1/reopen-logs             200 ``backend.reopen_logs()``
 GET          /v1/logs?n=&level=&follow=  200 ``application/x-ndjson``, chunked
+GET          /v1/stats                   200 ``backend.stats()``: /metrics as JSON
 GET          /metrics                    200 Prometheus text format 0.0.4
 ===========  ==========================  =============================================
 
@@ -32,7 +33,7 @@ n 0..100000); anything else, including a finite float past it, is a 400.
 
 Every error is ``{"error": {"code": CODE, "message": TEXT}}`` (``details`` for a
 rejected reload) with the status ``docs/control-api.md`` lists for the code
-(``STATUS_OF``); the codes are ``sockd.protocol.ErrorCode``. Validation raises
+(``sockd.protocol.STATUS_OF``); the codes are ``sockd.protocol.ErrorCode``. Validation raises
 ``APIError``; backend exceptions become one in the request handler's ``_call``
 (``BackendConflict`` 409, ``BackendUnavailable`` 503, anything else 500 with the
 traceback logged as ``control.error``, never sent).
@@ -57,26 +58,17 @@ from sockd.protocol import (
     LOGS_MAX_N,
     MAX_CONNECTION_ID,
     MAX_STOP_TIMEOUT,
+    STATUS_OF,
+    ConfigDump,
+    Connection,
     ErrorCode,
+    Stats,
+    Status,
 )
 
 JSON_TYPE: Final = "application/json"
 NDJSON_TYPE: Final = "application/x-ndjson"
 METRICS_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
-
-STATUS_OF: Final[dict[ErrorCode, int]] = {
-    ErrorCode.BAD_REQUEST: 400,
-    ErrorCode.FORBIDDEN: 403,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.METHOD_NOT_ALLOWED: 405,
-    ErrorCode.TIMEOUT: 408,
-    ErrorCode.CONFLICT: 409,
-    ErrorCode.LENGTH_REQUIRED: 411,
-    ErrorCode.PAYLOAD_TOO_LARGE: 413,
-    ErrorCode.INVALID_CONFIG: 422,
-    ErrorCode.INTERNAL: 500,
-    ErrorCode.UNAVAILABLE: 503,
-}
 
 
 # --------------------------------------------------------------------------- backend
@@ -117,13 +109,13 @@ class LogSubscription(Protocol):
 class ControlBackend(Protocol):
     """What the control channel needs from the daemon; every method is thread-safe."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> Status: ...
 
-    def connections(self) -> list[dict[str, Any]]: ...
+    def connections(self) -> list[Connection]: ...
 
     def close_connection(self, conn_id: int) -> bool: ...
 
-    def effective_config(self) -> dict[str, Any]: ...
+    def effective_config(self) -> ConfigDump: ...
 
     def reload(self) -> ReloadOutcome: ...
 
@@ -140,6 +132,8 @@ class ControlBackend(Protocol):
     def reopen_logs(self) -> dict[str, Any]: ...
 
     def metrics_text(self) -> str: ...
+
+    def stats(self) -> Stats: ...
 
     def log_history(self, n: int, min_level: str) -> list[dict[str, Any]]: ...
 
@@ -375,6 +369,10 @@ def _metrics(backend: ControlBackend, request: Request) -> Answer:
     return Response(200, backend.metrics_text().encode(), METRICS_TYPE)
 
 
+def _stats(backend: ControlBackend, request: Request) -> Answer:
+    return _ok(backend.stats())
+
+
 def _logs(backend: ControlBackend, request: Request) -> Answer:
     seen: dict[str, str] = {}
     for name, value in request.query:
@@ -416,6 +414,7 @@ ROUTES: Final[dict[str, dict[str, Endpoint]]] = {
     f"{API_PREFIX}/log-level": {"PUT": _log_level},
     f"{API_PREFIX}/reopen-logs": {"POST": _reopen_logs},
     f"{API_PREFIX}/logs": {"GET": _logs},
+    f"{API_PREFIX}/stats": {"GET": _stats},
     "/metrics": {"GET": _metrics},
 }
 _CONNECTION_PREFIX = f"{API_PREFIX}/connections/"

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import pytest
 
 from sockctl.client import UnixHTTPConnection
+from sockd.protocol import METRICS
 from tests.conftest import (
     DEADLINE,
     REPO,
@@ -77,7 +78,8 @@ def sockctl(
     """Run the real ``sockctl`` executable; ``prefix`` runs it through setpriv."""
     assert SOCKCTL is not None
     full_env = {k: v for k, v in os.environ.items() if k != "SOCKD_CONTROL_SOCKET"}
-    # sockctl imports the configured handler (check, --config): tests.handlers must resolve.
+    # sockctl check runs sockd --check-config, which imports the handler: tests.handlers
+    # must resolve.
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
     return subprocess.run(
@@ -848,7 +850,7 @@ def _refused_from(address: tuple[str, int]) -> None:
 
 
 def test_stats_and_metrics_through_curl(sockd_factory: Any, short_tmp: Path) -> None:
-    """``stats`` shows the counters; curl gets /metrics as Prometheus text, documented names."""
+    """``stats`` shows the counters from /v1/stats; curl gets the same as /metrics text."""
     proc = sockd_factory(base_config(short_tmp, deny=["127.0.0.2/32"]))
     (address,) = proc.wait_ready()
     with connect(address) as sock:
@@ -860,9 +862,11 @@ def test_stats_and_metrics_through_curl(sockd_factory: Any, short_tmp: Path) -> 
     assert re.search(r"^connections total:\s+1$", result.stdout, re.M), result.stdout
     assert re.search(r"^connections refused:\s+1 \(\w+: 1\)$", result.stdout, re.M)
     assert re.search(r"^sockd:\s+.*mode=threading", result.stdout, re.M)
+    stats = ctl_json(short_tmp, "stats")
     samples = {
-        (s["name"], tuple(sorted(s["labels"].items()))): s["value"]
-        for s in ctl_json(short_tmp, "stats")
+        (m["name"], tuple(sorted(s["labels"].items()))): s["value"]
+        for m in stats["metrics"]
+        for s in m["samples"]
     }
     assert samples[("sockd_connections_total", ())] == 1
     assert samples[("sockd_bytes_received_total", ())] == 64
@@ -905,6 +909,16 @@ def test_stats_and_metrics_through_curl(sockd_factory: Any, short_tmp: Path) -> 
         assert values[("sockd_connections_refused_total", (("reason", reason),))] == 0
     for reason in ("max_connections", "max_children", "fd_limit"):
         assert values[("sockd_throttled_total", (("reason", reason),))] == 0
+    # /metrics and /v1/stats come from one catalogue: same names, kinds and order, and
+    # (uptime and open connections aside, which move) the same samples.
+    assert list(types.items()) == [(spec.name, spec.kind) for spec in METRICS]
+    assert [(m["name"], m["kind"], m["help"]) for m in stats["metrics"]] == [
+        (spec.name, spec.kind, spec.help) for spec in METRICS
+    ]
+    moving = {"sockd_uptime_seconds", "sockd_connections_open", "sockd_threads_spare"}
+    assert {k: v for k, v in samples.items() if k[0] not in moving} == {
+        k: v for k, v in values.items() if k[0] not in moving
+    }
     info = [ls for n, ls, _ in parsed if n == "sockd_info"]
     assert info == [{"mode": "threading", "version": ctl_json(short_tmp, "status")["version"]}]
     assert values[("sockd_uptime_seconds", ())] > 0
@@ -914,7 +928,7 @@ def test_stats_and_metrics_through_curl(sockd_factory: Any, short_tmp: Path) -> 
 
 
 def test_check_good_and_bad_files(short_tmp: Path) -> None:
-    """``check`` validates offline: OK and 0, or every problem and 78 (also via ``--config``)."""
+    """``check`` relays ``sockd --check-config``: OK and 0, or every problem and 78."""
     good = short_tmp / "good.toml"
     good.write_text(render_config(base_config(short_tmp)))
     ok = sockctl("check", str(good))
@@ -924,9 +938,10 @@ def test_check_good_and_bad_files(short_tmp: Path) -> None:
     bad.write_text('[server]\nmode = "forked"\nhandler = "no.such.module:H"\n')
     result = sockctl("check", str(bad))
     assert result.returncode == 78
-    lines = result.stdout.splitlines()
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()  # sockd --check-config's own lines, relayed
     assert len(lines) == 2
-    assert all(line.startswith(f"{bad}: ") for line in lines)
+    assert all(line.startswith(f"sockd: {bad}: ") for line in lines)
     assert any("server.mode:" in line for line in lines)
     assert any("server.handler:" in line for line in lines)
     default_file = sockctl("--config", str(bad), "check")

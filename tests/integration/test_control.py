@@ -131,6 +131,18 @@ class RecordingLog:
                 self._cond.wait(remaining)
 
 
+STATS: dict[str, Any] = {
+    "metrics": [
+        {
+            "name": "sockd_connections_open",
+            "kind": "gauge",
+            "help": "Connections open now.",
+            "samples": [{"labels": {}, "value": 3}],
+        }
+    ]
+}
+
+
 class FakeSubscription:
     """A log subscription fed by the test through ``publish``."""
 
@@ -219,6 +231,10 @@ class FakeBackend:
     def metrics_text(self) -> str:
         self._enter("metrics_text")
         return "# TYPE sockd_connections_open gauge\nsockd_connections_open 3\n"
+
+    def stats(self) -> dict[str, Any]:
+        self._enter("stats")
+        return STATS
 
     def log_history(self, n: int, min_level: str) -> list[dict[str, Any]]:
         self._enter("log_history", (n, min_level))
@@ -649,6 +665,15 @@ def test_metrics_are_prometheus_text(ctl: Harness) -> None:
     assert reply.status == 200
     assert_common_headers(reply, "text/plain; version=0.0.4; charset=utf-8")
     assert reply.body == b"# TYPE sockd_connections_open gauge\nsockd_connections_open 3\n"
+
+
+def test_stats_are_json(ctl: Harness) -> None:
+    """GET /v1/stats answers the backend's stats as JSON."""
+    reply = call(ctl.path, "GET", "/v1/stats")
+    assert reply.status == 200
+    assert_common_headers(reply, "application/json")
+    assert reply.json == STATS
+    assert ctl.backend.called("stats") == [None]
 
 
 def test_logs_history_is_chunked_ndjson(ctl: Harness) -> None:
@@ -1160,10 +1185,11 @@ def test_read_group_member_may_get_but_not_post(
     """A supplementary member of read_group gets GET answers and 403 on POST."""
     harness = make_server(mode=0o666, read_group=READ_GROUP)
     groups = [test_groups[READ_GROUP]]
-    reply, _ = exchange_as(
-        nobody.pw_uid, nobody.pw_gid, groups, harness.path, build("GET", "/v1/status")
-    )
-    assert reply.status == 200
+    for target in ("/v1/status", "/v1/stats"):
+        reply, _ = exchange_as(
+            nobody.pw_uid, nobody.pw_gid, groups, harness.path, build("GET", target)
+        )
+        assert reply.status == 200, target
     reply, pid = exchange_as(
         nobody.pw_uid, nobody.pw_gid, groups, harness.path, build("POST", "/v1/pause")
     )

@@ -11,7 +11,8 @@ import click
 import pytest
 
 from sockctl import render
-from sockctl.client import ConfigDump, Connection, ReloadResult, Status
+from sockctl.client import ConfigDump, Connection, ReloadResult, Stats, Status
+from sockd.protocol import METRICS, METRICS_BY_NAME, MetricKind, Stat
 
 STATUS: Status = {
     "api_version": 1,
@@ -239,7 +240,7 @@ def test_error_lines_for_a_rejected_reload_without_problems() -> None:
 
 
 def test_small_views() -> None:
-    """Stop, pause/resume, log-level, reopen, kick and check read as sentences."""
+    """Stop, pause/resume, log-level, reopen and kick read as sentences."""
     assert render.stop_view({"state": "draining", "timeout": 5.0, "active": 1}) == (
         "sockd is draining: waiting up to 5.0s for 1 open connection to finish"
     )
@@ -255,27 +256,34 @@ def test_small_views() -> None:
         "nothing to reopen: logs go to stdout"
     )
     assert render.closed_view({"closed": 3}) == "closed connection 3"
-    assert render.check_view("/x.toml", []) == "/x.toml: OK"
-    assert render.check_view("/x.toml", ["a", "b"]) == "/x.toml: a\n/x.toml: b"
 
 
-METRICS = """\
-# HELP sockd_connections_open Connections being served.
-# TYPE sockd_connections_open gauge
-sockd_connections_open 3
-sockd_connections_refused_total{reason="limit"} 4
-sockd_connections_refused_total{reason="denied"} 1
-sockd_bytes_sent_total 1300000 1732700000000
-sockd_info{version="0.1.0",mode="forking"} 1
-process_open_fds 12
-weird_metric{path="a \\"quoted\\" \\\\ value"} +Inf
-this line is not a sample
-"""
+def stats(*rows: tuple[str, dict[str, str], float]) -> Stats:
+    """A ``GET /v1/stats`` answer holding these samples (name, labels, value), in order."""
+    metrics: list[Stat] = []
+    for name, labels, value in rows:
+        if not metrics or metrics[-1]["name"] != name:
+            spec = METRICS_BY_NAME.get(name)
+            kind: MetricKind = spec.kind if spec else "gauge"
+            metrics.append({"name": name, "kind": kind, "help": "", "samples": []})
+        metrics[-1]["samples"].append({"labels": labels, "value": value})
+    return {"metrics": metrics}
 
 
-def test_parse_metrics() -> None:
-    """Samples keep names, unescaped labels and values; comments and junk are skipped."""
-    samples = render.parse_metrics(METRICS)
+STATS = stats(
+    ("sockd_connections_open", {}, 3),
+    ("sockd_connections_refused_total", {"reason": "limit"}, 4),
+    ("sockd_connections_refused_total", {"reason": "denied"}, 1),
+    ("sockd_bytes_sent_total", {}, 1300000),
+    ("sockd_info", {"version": "0.1.0", "mode": "forking"}, 1),
+    ("process_open_fds", {}, 12),
+    ("weird_metric", {"path": 'a "quoted" \\ value'}, 0.5),
+)
+
+
+def test_stats_samples() -> None:
+    """A stats answer flattens to its samples in order, with names, labels and values."""
+    samples = render.stats_samples(STATS)
     assert [s.name for s in samples] == [
         "sockd_connections_open",
         "sockd_connections_refused_total",
@@ -288,33 +296,32 @@ def test_parse_metrics() -> None:
     assert samples[1].labels == {"reason": "limit"}
     assert samples[3].value == 1_300_000
     assert samples[-1].labels == {"path": 'a "quoted" \\ value'}
-    assert samples[-1].value == math.inf
-    assert samples[-1].as_json()["value"] == "inf"
     assert samples[0].as_json() == {"name": "sockd_connections_open", "labels": {}, "value": 3}
+    assert render.Sample("x", math.inf).as_json()["value"] == "inf"
 
 
 def test_metrics_view() -> None:
     """Known metrics get names and units, labelled ones a breakdown, unknown ones follow."""
-    lines = render.metrics_view(render.parse_metrics(METRICS)).splitlines()
+    lines = render.metrics_view(render.stats_samples(STATS)).splitlines()
     assert lines == [
         "sockd:               version=0.1.0, mode=forking",
         "connections open:    3",
         "connections refused: 5 (limit: 4, denied: 1)",
         "bytes sent:          1.2 MiB",
         "process_open_fds:    12",
-        'weird_metric{path=a "quoted" \\ value}: inf',
+        'weird_metric{path=a "quoted" \\ value}: 0.5',
     ]
     assert render.metrics_view([]) == "no metrics"
 
 
 def test_metrics_view_labels_sockd_thread_and_throttle_metrics() -> None:
     """sockd's thread and throttle metrics read by label, like its other metrics, not raw."""
-    text = """\
-sockd_throttled_total{reason="max_connections"} 2
-sockd_threads_started_total 5
-sockd_threads_spare 1
-"""
-    lines = render.metrics_view(render.parse_metrics(text)).splitlines()
+    answer = stats(
+        ("sockd_throttled_total", {"reason": "max_connections"}, 2),
+        ("sockd_threads_started_total", {}, 5),
+        ("sockd_threads_spare", {}, 1),
+    )
+    lines = render.metrics_view(render.stats_samples(answer)).splitlines()
     assert lines == [
         "throttled:       2 (max_connections: 2)",
         "threads started: 5",
@@ -324,14 +331,21 @@ sockd_threads_spare 1
 
 def test_metrics_view_leaves_zero_reasons_out_of_the_breakdown() -> None:
     """sockd exports every reason from the start; stats shows only those that happened."""
-    text = """\
-sockd_connections_refused_total{reason="denied"} 1
-sockd_connections_refused_total{reason="max_connections"} 0
-sockd_reloads_total{result="applied"} 0
-sockd_reloads_total{result="rejected"} 0
-"""
-    lines = render.metrics_view(render.parse_metrics(text)).splitlines()
+    answer = stats(
+        ("sockd_connections_refused_total", {"reason": "denied"}, 1),
+        ("sockd_connections_refused_total", {"reason": "max_connections"}, 0),
+        ("sockd_reloads_total", {"result": "applied"}, 0),
+        ("sockd_reloads_total", {"result": "rejected"}, 0),
+    )
+    lines = render.metrics_view(render.stats_samples(answer)).splitlines()
     assert lines == ["connections refused: 1 (denied: 1)", "reloads:             0"]
+
+
+def test_metrics_view_knows_every_catalogued_metric() -> None:
+    """Every metric in sockd.protocol's catalogue reads by a label in stats, none raw."""
+    answer = stats(*((spec.name, {}, 1) for spec in METRICS))
+    shown = render.metrics_view(render.stats_samples(answer))
+    assert "sockd_" not in shown
 
 
 def test_reload_view_of_a_dry_run() -> None:

@@ -83,17 +83,24 @@ CONFIG: dict[str, Any] = {
         "control": {"socket": "/run/sockd/control.sock", "mode": "0660", "group": None},
     },
 }
-METRICS = """\
-# HELP sockd_connections_open Connections being served.
-# TYPE sockd_connections_open gauge
-sockd_connections_open 3
-sockd_connections_total 120
-sockd_bytes_received_total 1229
-sockd_reloads_total{result="applied"} 2
-sockd_reloads_total{result="rejected"} 1
-sockd_uptime_seconds 192.5
-sockd_info{version="0.1.0",mode="threading"} 1
-"""
+STATS: dict[str, Any] = {
+    "metrics": [
+        {
+            "name": name,
+            "kind": "counter" if name.endswith("_total") else "gauge",
+            "help": "",
+            "samples": [{"labels": labels, "value": value} for labels, value in samples],
+        }
+        for name, samples in [
+            ("sockd_connections_open", [({}, 3)]),
+            ("sockd_connections_total", [({}, 120)]),
+            ("sockd_bytes_received_total", [({}, 1229)]),
+            ("sockd_reloads_total", [({"result": "applied"}, 2), ({"result": "rejected"}, 1)]),
+            ("sockd_uptime_seconds", [({}, 192.5)]),
+            ("sockd_info", [({"version": "0.1.0", "mode": "threading"}, 1)]),
+        ]
+    ]
+}
 EVENTS = [
     {
         "timestamp": "2026-11-27T10:00:01.250000Z",
@@ -677,9 +684,9 @@ def test_reopen_logs(daemon: FakeServer) -> None:
     assert json.loads(ask(daemon, "--json", "reopen-logs").stdout) == answer
 
 
-def test_stats_reads_the_prometheus_text(daemon: FakeServer) -> None:
-    """`stats` shows GET /metrics humanised: bytes, durations, labelled breakdowns."""
-    daemon.set("GET", "/metrics", Canned(body=METRICS, content_type="text/plain; version=0.0.4"))
+def test_stats_reads_the_stats_endpoint(daemon: FakeServer) -> None:
+    """`stats` shows GET /v1/stats humanised: bytes, durations, labelled breakdowns."""
+    daemon.set("GET", "/v1/stats", Canned(body=STATS))
     result = ask(daemon, "stats")
     assert result.exit_code == 0
     rows = dict(line.split(":", 1) for line in result.stdout.splitlines())
@@ -696,8 +703,12 @@ def test_stats_reads_the_prometheus_text(daemon: FakeServer) -> None:
 
 def test_stats_labels_the_thread_metrics(daemon: FakeServer) -> None:
     """`stats` shows sockd's thread metrics as `threads started` and `spare threads`."""
-    text = METRICS + "sockd_threads_started_total 5\nsockd_threads_spare 2\n"
-    daemon.set("GET", "/metrics", Canned(body=text, content_type="text/plain"))
+    answer = json.loads(json.dumps(STATS))
+    for name, value in (("sockd_threads_started_total", 5), ("sockd_threads_spare", 2)):
+        answer["metrics"].append(
+            {"name": name, "kind": "gauge", "help": "", "samples": [{"labels": {}, "value": value}]}
+        )
+    daemon.set("GET", "/v1/stats", Canned(body=answer))
     result = ask(daemon, "stats")
     assert result.exit_code == 0
     rows = dict(line.split(":", 1) for line in result.stdout.splitlines())
@@ -706,12 +717,18 @@ def test_stats_labels_the_thread_metrics(daemon: FakeServer) -> None:
     assert "sockd_threads" not in result.stdout
 
 
-def test_stats_json_lists_samples(daemon: FakeServer) -> None:
-    """`--json stats` prints one object per sample: name, labels, value."""
-    daemon.set("GET", "/metrics", Canned(body=METRICS, content_type="text/plain"))
-    samples = json.loads(ask(daemon, "--json", "stats").stdout)
-    assert {"name": "sockd_connections_open", "labels": {}, "value": 3} in samples
-    assert {"name": "sockd_reloads_total", "labels": {"result": "rejected"}, "value": 1} in samples
+def test_stats_json_is_the_daemons_answer(daemon: FakeServer) -> None:
+    """`--json stats` prints GET /v1/stats's answer as it came (as --json does everywhere)."""
+    daemon.set("GET", "/v1/stats", Canned(body=STATS))
+    assert json.loads(ask(daemon, "--json", "stats").stdout) == STATS
+
+
+def test_stats_refuses_an_answer_without_its_shape(daemon: FakeServer) -> None:
+    """A stats answer whose metric lacks its samples is a one-line protocol error, exit 1."""
+    daemon.set("GET", "/v1/stats", Canned(body={"metrics": [{"name": "x"}]}))
+    result = ask(daemon, "stats")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("sockctl: stats: the answer lacks")
 
 
 def _stream(events: list[dict[str, Any]]) -> Callable[[Handler], None]:
@@ -1149,15 +1166,16 @@ def test_check_good_file(sockdir: str) -> None:
 
 
 def test_check_bad_file_lists_every_problem(sockdir: str) -> None:
-    """`check FILE` on an invalid file prints each problem and exits 78."""
+    """`check FILE` relays sockd's problems (one a line, on stderr) and its exit 78."""
     path = os.path.join(sockdir, "bad.toml")
     with open(path, "w") as fh:
         fh.write('[server]\nmode = "sideways"\nbogus = 1\n')
     result = run("check", path)
     assert result.exit_code == 78
-    lines = result.stdout.splitlines()
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
     assert len(lines) == 2
-    assert all(line.startswith(f"{path}: server.") for line in lines)
+    assert all(line.startswith(f"sockd: {path}: server.") for line in lines)
 
 
 def test_check_json_and_config_default(sockdir: str) -> None:
@@ -1169,6 +1187,34 @@ def test_check_json_and_config_default(sockdir: str) -> None:
     assert answer["path"] == path
     assert answer["ok"] is False
     assert answer["problems"][0].startswith("cannot read config file")
+
+
+def test_check_relays_what_sockd_says(sockdir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`check` runs sockd --check-config --config FILE and relays its output and status."""
+    script = "import sys; print('out', sys.argv[1:]); print('err', file=sys.stderr); sys.exit(42)"
+    monkeypatch.setattr(cli, "sockd_command", lambda: [sys.executable, "-c", script])
+    result = run("check", "/x.toml")
+    assert result.exit_code == 42
+    assert result.stdout == "out ['--check-config', '--config', '/x.toml']\n"
+    assert result.stderr == "err\n"
+
+
+def test_check_without_sockd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`check` with no sockd executable to run says so in one line and exits 1."""
+    monkeypatch.setattr(cli, "sockd_command", lambda: None)
+    result = run("check", "/x.toml")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("sockctl: cannot check: no sockd executable")
+
+
+def test_sockd_command_is_the_one_beside_the_interpreter() -> None:
+    """sockctl runs the sockd installed beside its own Python when there is one."""
+    beside = os.path.join(os.path.dirname(sys.executable), "sockd")
+    if not os.access(beside, os.X_OK):
+        pytest.skip(f"no sockd beside {sys.executable} (pip install -e .)")
+    assert cli.sockd_command() == [beside]
 
 
 @pytest.mark.parametrize("command", ["", *sorted(cli.main.commands)])
@@ -1225,7 +1271,7 @@ JSON_CASES: dict[str, tuple[list[str], dict[tuple[str, str], Route]]] = {
         [],
         {("POST", "/v1/reopen-logs"): Canned(body={"reopened": True, "output": "/var/log/x"})},
     ),
-    "stats": ([], {("GET", "/metrics"): Canned(body=METRICS, content_type="text/plain")}),
+    "stats": ([], {("GET", "/v1/stats"): Canned(body=STATS)}),
     "logs": ([], {("GET", "/v1/logs"): _stream(EVENTS)}),
     "check": (["CONFIG"], {}),
 }
