@@ -1,7 +1,9 @@
 """Prometheus text exposition (format 0.0.4) of the daemon's counters, for ``GET /metrics``.
 
 Rendered on request from the registry's counters: nothing is maintained on the
-per-connection path beyond the integers the registry already keeps.
+per-connection path beyond the integers the registry already keeps. Which metrics exist
+(name, kind, help) is ``sockd.protocol.METRICS``; ``sockd.views`` fills in their samples.
+A leaf: imports nothing from the package.
 """
 
 from __future__ import annotations
@@ -42,16 +44,3 @@ def render(metrics: Iterable[Metric]) -> str:
             suffix = "{" + labels + "}" if labels else ""
             lines.append(f"{metric.name}{suffix} {_number(sample.value)}")
     return "\n".join(lines) + "\n"
-
-
-def gauge(name: str, help_text: str, value: float, **labels: str) -> Metric:
-    return Metric(name, "gauge", help_text, (Sample(value, labels),))
-
-
-def counter(name: str, help_text: str, value: float) -> Metric:
-    return Metric(name, "counter", help_text, (Sample(value),))
-
-
-def labelled_counter(name: str, help_text: str, label: str, values: Mapping[str, float]) -> Metric:
-    samples = tuple(Sample(v, {label: k}) for k, v in sorted(values.items()))
-    return Metric(name, "counter", help_text, samples)
