@@ -1,12 +1,15 @@
-"""The accept loop: one thread serving every listener, woken at once by a self-pipe.
+"""The accept loop: one thread serving every listener, woken at once by a ``Waker``.
 
 One ``Acceptor`` thread serves every listener with one ``selectors`` loop instead of
-``serve_forever``'s 0.5 s poll: a self-pipe wakes it at once for a stop, a pause or a
+``serve_forever``'s 0.5 s poll: its ``Waker`` wakes it at once for a stop, a pause or a
 listener swap, so an idle daemon stops in milliseconds. It stops watching the listeners
 while the hub is at capacity (connections wait in the backlog), backs off when accept
 fails for want of descriptors or buffers, and answers the daemon's heartbeat
 (``Acceptor.beat``): the main loop feeds systemd's watchdog only while both loops turn,
 so a stuck accept loop or a stuck main loop gets the service restarted.
+
+``Waker`` (the self-pipe) lives here and is used by the daemon's main loop too: one
+implementation, one instance per loop.
 
 May import ``sockd.listeners``, ``sockd.admission`` and ``sockd.config``; only the
 daemon builds on it.
@@ -22,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Final
 
 from sockd.admission import Hub
@@ -43,19 +47,59 @@ _ACCEPT_TRANSIENT_ERRORS: Final = frozenset(
 )
 
 
+class Waker:
+    """Wakes one thread blocked in ``select``: a non-blocking socketpair, a byte per wake-up.
+
+    One class, one instance per loop, rather than one pipe shared by the main loop and
+    the serving loop: they are different threads, each blocking in its own ``select``.
+    A shared pipe would have two readers, and whichever drained it first would swallow
+    the other's wake-up (a stop lost by the serving loop, or a signal's byte, written
+    here by ``signal.set_wakeup_fd``, eaten by it). Writes never block: a full buffer
+    already means "wake up". Register the waker itself with a selector (``fileno``).
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+
+    def fileno(self) -> int:
+        """The reading end, for a selector."""
+        return self._r.fileno()
+
+    @property
+    def write_fd(self) -> int:
+        """The writing end, for ``signal.set_wakeup_fd``."""
+        return self._w.fileno()
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._w.send(b"\0")
+
+    def clear(self) -> None:
+        """Read every pending wake-up (in the thread that selects on it)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while self._r.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
+
+
 class Acceptor:
-    """The serving loop: one thread, every listener, woken at once by a self-pipe."""
+    """The serving loop: one thread, every listener, woken at once by its ``Waker``."""
 
     def __init__(self, hub: Hub) -> None:
         self.hub = hub
         self.listeners: dict[Address, Listener] = {}
         self._selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._commands: list[tuple[Callable[[], None], threading.Event]] = []
+        self._waker = Waker()
+        self._selector.register(self._waker, selectors.EVENT_READ, None)
+        self._commands: list[tuple[Callable[[], None], Future[None]]] = []
         self._lock = threading.Lock()
+        #: Set (under ``_lock``) once the loop has ended: commands then run in the caller.
+        self._ended = False
         self._stop = False
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -68,7 +112,6 @@ class Acceptor:
         #: Heartbeats the daemon asked for and the last one this loop answered.
         self._beats_asked = 0
         self._beats_answered = 0
-        hub.listen_sockets = lambda: [lst.socket for lst in list(self.listeners.values())]
 
     @property
     def throttled(self) -> bool:
@@ -81,24 +124,41 @@ class Acceptor:
         self._thread.start()
 
     def wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            self._wake_w.send(b"\0")
+        self._waker.wake()
+
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets now (a forked child closes its copies)."""
+        return [lst.socket for lst in list(self.listeners.values())]
 
     def call(self, fn: Callable[[], None], timeout: float = 10.0) -> None:
         """Run ``fn`` on the serving thread between accepts and wait for it."""
-        if self._thread is None or not self._thread.is_alive():
-            fn()
-            return
-        if not self._post(fn).wait(timeout):
-            raise TimeoutError("the serving loop did not answer")
+        self.submit(fn).result(timeout)  # TimeoutError: the serving loop did not answer
 
-    def _post(self, fn: Callable[[], None]) -> threading.Event:
-        """Queue ``fn`` for the serving thread's next turn; the event is set once it ran."""
-        done = threading.Event()
+    def submit(self, fn: Callable[[], None]) -> Future[None]:
+        """Run ``fn`` on the serving thread's next turn, without waiting for it.
+
+        The future is done once it ran (with its exception, if it raised). Before the
+        loop starts or after it ended, ``fn`` runs at once in the caller.
+        """
+        done: Future[None] = Future()
         with self._lock:
-            self._commands.append((fn, done))
-        self.wake()
+            queued = not self._ended and self._thread is not None and self._thread.is_alive()
+            if queued:
+                self._commands.append((fn, done))
+        if queued:
+            self.wake()
+        else:
+            self._run(fn, done)
         return done
+
+    def _run(self, fn: Callable[[], None], done: Future[None]) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            self.hub.log.exception("server.error", where="serving loop command")
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
     def answers(self, timeout: float) -> bool:
         """Whether the serving loop takes a turn within ``timeout`` s (True if not running).
@@ -109,7 +169,11 @@ class Acceptor:
         """
         if self._thread is None or not self._thread.is_alive() or self._stop:
             return True
-        return self._post(lambda: None).wait(timeout)
+        try:
+            self.submit(lambda: None).result(timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def shutdown(self, timeout: float | None = None) -> bool:
         """Stop the loop; called from another thread (from the loop itself it would deadlock).
@@ -170,14 +234,20 @@ class Acceptor:
         if self._thread is None or not self._thread.is_alive():
             self._sync_registration(force=True)
             return
-        self._post(lambda: self._sync_registration(force=True))
+        self.submit(lambda: self._sync_registration(force=True))
 
-    def set_paused(self, paused: bool) -> None:
+    def set_paused(self, paused: bool) -> Future[None]:
+        """Pause or resume accepting on the loop's next turn; done once it is in force.
+
+        Called by the daemon's main thread, the one writer of the pause; ``paused`` is
+        this loop's applied copy, written only here on the serving thread.
+        """
+
         def do() -> None:
             self.paused = paused
             self._sync_registration()
 
-        self.call(do)
+        return self.submit(do)
 
     # ---------------------------------------------------------------- the loop
     def _want_accepting(self, now: float) -> bool:
@@ -228,22 +298,22 @@ class Acceptor:
                         self._accept(key.data)
                 self.service_actions()
         finally:
+            # Commands queued but not run are run here: whoever waits for one hears
+            # back, and later ones run in their caller (``submit``).
+            with self._lock:
+                self._ended = True
+                commands, self._commands = self._commands, []
+            for fn, done in commands:
+                self._run(fn, done)
             self._stopped.set()
 
     def _drain_wakeups(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            while self._wake_r.recv(4096):
-                pass
+        self._waker.clear()
         self._beats_answered = self._beats_asked
         with self._lock:
             commands, self._commands = self._commands, []
         for fn, done in commands:
-            try:
-                fn()
-            except Exception:
-                self.hub.log.exception("server.error", where="serving loop command")
-            finally:
-                done.set()
+            self._run(fn, done)
 
     def service_actions(self) -> None:
         """Once per loop turn: re-check limits and back-off."""

@@ -72,7 +72,10 @@ class Hub:
     """What every listener shares: live settings, the registry, the drain flag, the logger.
 
     Settings are replaced whole on reload (one attribute assignment), so the accept path
-    reads a consistent snapshot without a lock.
+    reads a consistent snapshot without a lock. Its collaborators come through the
+    constructor: ``log`` (the daemon's logger; structlog's default when standalone) and
+    ``listen_sockets``, which returns the listening sockets of the moment (a forked child
+    closes its copies of them).
     """
 
     def __init__(
@@ -80,6 +83,9 @@ class Hub:
         settings: ServerConfig,
         handler_cls: type[socketserver.BaseRequestHandler],
         registry: Registry,
+        *,
+        log: Any = None,
+        listen_sockets: Callable[[], Iterable[socket.socket]] = lambda: (),
     ) -> None:
         self.settings = settings
         self.handler_cls = handler_cls
@@ -87,8 +93,8 @@ class Hub:
         #: Set when a graceful stop begins; one per hub (a handler gets it in its
         #: constructor, ``SockdHandler.__init__``), never a class attribute.
         self.draining = threading.Event()
-        self.log: Any = structlog.get_logger()
-        self.listen_sockets: Callable[[], Iterable[socket.socket]] = lambda: ()
+        self.log: Any = log if log is not None else structlog.get_logger()
+        self.listen_sockets = listen_sockets
         self.rules = AccessRules(settings)
         #: Connections that fit in the descriptor limit, leaving a reserve for the
         #: control channel, log files and reload binds (set by the daemon at start).

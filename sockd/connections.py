@@ -224,7 +224,7 @@ class Counters:
 class Registry:
     """Every open connection, shared by the listeners, the daemon and the control channel."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_close: Callable[[], None] = lambda: None) -> None:
         self.lock = threading.Lock()
         self.active: dict[int, Connection] = {}
         self.per_peer: dict[bytes | str, int] = {}
@@ -232,7 +232,7 @@ class Registry:
         self.counters = Counters()
         self._ids = itertools.count(1)
         #: Called (outside the lock) whenever a connection closes; wakes whoever waits.
-        self.on_close: Callable[[], None] = lambda: None
+        self.on_close = on_close
         self._pending_refusals: dict[str, int] = {}
         self._pending_throttles: dict[str, int] = {}
         self._last_refusal_log = 0.0

@@ -1,10 +1,16 @@
 """Lifecycle: start, the main loop, reload, graceful stop. The only module that composes the rest.
 
-Everything that changes the lifecycle (signals, control requests) becomes an event on
-one queue consumed by the main thread. Signal handlers only enqueue: logging from a
-handler can deadlock on a lock the interrupted code holds. ``signal.set_wakeup_fd``
-makes the main thread's ``select`` return whichever thread the kernel delivered the
-signal to, so a stop is handled in microseconds, not at the next poll.
+One door into the lifecycle: everything that changes the daemon's state (signals, and
+the control requests stop, reload, pause, resume, log-level, reopen-logs and kick)
+becomes an event on one queue consumed by the main thread, dispatched by its ``kind`` to
+``Daemon._handle_<kind>`` (gunicorn's arbiter shape). The main thread is the only writer
+of the state, the log level and the pause, so a pause racing a stop cannot overwrite
+"draining" with "paused". A control request waits for its answer through the event's
+future, with a timeout that becomes ``BackendUnavailable`` (503), never an uncaught
+exception. Signal handlers only enqueue: logging from a handler can deadlock on a lock
+the interrupted code holds. ``signal.set_wakeup_fd`` writes to the main loop's
+``Waker``, so its ``select`` returns whichever thread the kernel delivered the signal
+to, and a stop is handled in microseconds, not at the next poll.
 
 The serving loop runs in its own thread (``sockd.acceptor.Acceptor``); ``shutdown()`` is called
 from the main thread, never from the serving thread (that would deadlock), and the
@@ -34,12 +40,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 import structlog
 
 from sockd import __version__, systemd
-from sockd.acceptor import Acceptor
+from sockd.acceptor import Acceptor, Waker
 from sockd.admission import Hub
 from sockd.config import Address, Config, diff, load, redact_changes
 from sockd.connections import Connection, Registry, close_gently, log_close
@@ -72,7 +78,12 @@ BACKLOG_SETTLE: Final = 0.01
 HOUSEKEEPING_INTERVAL: Final = 1.0
 #: Tiny timeouts are checked this often at most (not a busy loop).
 MIN_HOUSEKEEPING_INTERVAL: Final = 0.05
+#: How long a control request waits for the main thread to answer a reload or a stop.
 RELOAD_WAIT: Final = 120.0
+#: How long it waits for a pause, resume, log-level, reopen-logs or kick: the main loop
+#: answers these in microseconds (a pause once the serving loop applied it), so this is
+#: only reached when a loop is stuck; within sockctl's default 30 s request timeout.
+COMMAND_WAIT: Final = 10.0
 #: Seconds a reload (or dry run) may spend reading the config file, which imports the
 #: handler's module and runs its check_options: user code that may hang. Within
 #: sockctl's default 30 s request timeout. A validation still running after this is
@@ -84,8 +95,14 @@ VALIDATION_TIMEOUT: Final = 20.0
 SERVING_LOOP_ANSWER: Final = 1.0
 
 
+# The events on the main loop's queue. Each names its handler by ``kind``
+# (``Daemon._handle_<kind>``); one from a control request carries a ``reply`` future
+# that the main thread answers (or fails with a ``Backend*`` error).
+
+
 @dataclass(slots=True)
 class StopEvent:
+    kind: ClassVar[str] = "stop"
     source: str
     timeout: float | None = None
     #: For a control-channel stop: answered with the stop actually in force.
@@ -94,6 +111,7 @@ class StopEvent:
 
 @dataclass(slots=True)
 class ReloadEvent:
+    kind: ClassVar[str] = "reload"
     source: str
     reply: Future[ReloadOutcome] | None = None
     dry_run: bool = False
@@ -101,7 +119,32 @@ class ReloadEvent:
 
 @dataclass(slots=True)
 class ReopenEvent:
+    kind: ClassVar[str] = "reopen"
     source: str
+    reply: Future[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True)
+class PauseEvent:
+    """``paused``: True for a pause, False for a resume."""
+
+    kind: ClassVar[str] = "pause"
+    paused: bool
+    reply: Future[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class LogLevelEvent:
+    kind: ClassVar[str] = "log_level"
+    level: str
+    reply: Future[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class KickEvent:
+    kind: ClassVar[str] = "kick"
+    conn_id: int
+    reply: Future[bool]
 
 
 @dataclass(slots=True)
@@ -146,10 +189,28 @@ class Validation:
 
 @dataclass(slots=True)
 class ValidatedEvent:
+    kind: ClassVar[str] = "validated"
     job: Validation
 
 
-Event = StopEvent | ReloadEvent | ReopenEvent | ValidatedEvent
+Event = (
+    StopEvent | ReloadEvent | ReopenEvent | PauseEvent | LogLevelEvent | KickEvent | ValidatedEvent
+)
+_T = TypeVar("_T")
+
+
+def _settle(
+    reply: Future[_T] | None, result: _T | None = None, error: Exception | None = None
+) -> None:
+    """Answer a waiting control request once (a second answer is dropped)."""
+    if reply is None or reply.done():
+        return
+    with contextlib.suppress(Exception):  # InvalidStateError: answered meanwhile
+        if error is not None:
+            reply.set_exception(error)
+        else:
+            reply.set_result(result)  # type: ignore[arg-type]
+
 
 #: ``FDNAME=`` prefix of the listening sockets sockd keeps in systemd's fd store.
 FDSTORE_PREFIX: Final = "sockd-listen-"
@@ -209,19 +270,27 @@ class Daemon:
         self.reloads: dict[str, int] = {"applied": 0, "rejected": 0}
         self.logs = LogSystem(config.logging)
         self.log: Any = structlog.get_logger()
-        self.registry = Registry()
-        self.hub = Hub(config.server, config.handler_class(), self.registry)
-        self.hub.log = self.log
+        self.registry = Registry(on_close=self._on_connection_closed)
+        self.hub = Hub(
+            config.server,
+            config.handler_class(),
+            self.registry,
+            log=self.log,
+            listen_sockets=self._listen_sockets,
+        )
         self.acceptor = Acceptor(self.hub)
         self.views = Views(self, self.registry, self.hub, self.acceptor, self.logs)
         self.control: ControlServer | None = None
         self.notifier = systemd.Notifier(on_error=self._notify_failed)
         self._notify_errors: set[str] = set()
         self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.registry.on_close = self._on_connection_closed
+        #: The main loop's waker (the serving loop has its own: see ``Waker``).
+        self._waker = Waker()
+        #: Whether accepting is paused (``sockctl pause``); written by the main thread only.
+        self.paused = False
+        #: A SIGHUP in the batch of events being handled (a burst is one reload).
+        self._signal_reload = False
+        self._closed = False
         self._reload_lock = threading.Lock()
         self._stop: StopEvent | None = None
         self._cut_short = False
@@ -237,12 +306,30 @@ class Daemon:
 
     # ------------------------------------------------------------------ plumbing
     def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            self._wake_w.send(b"\0")
+        self._waker.wake()
 
     def _post(self, event: Event) -> None:
         self._events.put(event)
         self._wake()
+
+    def _ask(self, event: Event, reply: Future[_T], wait: float, what: str) -> _T:
+        """Post ``event`` and wait up to ``wait`` s for the main thread's answer.
+
+        Runs in a control-request thread. The main thread answers with a result or a
+        ``Backend*`` error; no answer in time is ``BackendUnavailable`` (503).
+        """
+        self._post(event)
+        try:
+            return reply.result(timeout=wait)
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"the daemon did not answer the {what} within {wait:g} s "
+                "(its main loop or serving loop is stuck, or it is stopping)"
+            ) from None
+
+    def _listen_sockets(self) -> list[socket.socket]:
+        """The hub's ``listen_sockets``: what a forked child closes."""
+        return self.acceptor.sockets()
 
     def _notify_failed(self, message: str) -> None:
         """``Notifier``'s on_error: a broken NOTIFY_SOCKET is logged once per distinct error."""
@@ -281,7 +368,7 @@ class Daemon:
         }
         for sig, fn in table.items():
             self._old_handlers[sig] = signal.signal(sig, fn)
-        old_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        old_fd = signal.set_wakeup_fd(self._waker.write_fd, warn_on_full_buffer=False)
         try:
             yield
         finally:
@@ -291,23 +378,51 @@ class Daemon:
 
     # ------------------------------------------------------------------ start
     def run(self, on_ready: Callable[[], None] | None = None) -> int:
-        """Start, serve until told to stop, drain; returns the process exit status."""
+        """Start, serve until told to stop, drain; returns the process exit status.
+
+        Whatever happens (a startup error, a bug in the loop), the ``finally`` stops the
+        serving loop, closes the control channel and the listeners, and tells every
+        control request still waiting that the daemon has stopped.
+        """
         with self._signals():
             try:
-                self._start()
-            except systemd.SystemdError as exc:
-                self.log.error("server.error", error=str(exc))
-                self._close_everything()
-                raise StartupError(str(exc)) from None
-            except (StartupError, ConfigError) as exc:
-                self.log.error("server.error", error=str(exc))
-                self._close_everything()
-                raise
-            if on_ready is not None:
-                on_ready()
-            self._main_loop()
-            self._drain()
+                try:
+                    self._start()
+                except systemd.SystemdError as exc:
+                    # The one place a systemd-protocol error (LISTEN_FDS, WATCHDOG_USEC,
+                    # NOTIFY_SOCKET) becomes a startup error.
+                    raise StartupError(str(exc)) from None
+                except (StartupError, ConfigError) as exc:
+                    self.log.error("server.error", error=str(exc))
+                    raise
+                if on_ready is not None:
+                    on_ready()
+                self._main_loop()
+                self._drain()
+            finally:
+                self._clean_up()
         return 0
+
+    def _clean_up(self) -> None:
+        if not self.acceptor.shutdown(ACCEPTOR_STOP_WAIT):
+            self.log.error("server.error", where="exit", error="the serving loop did not stop")
+        self._close_everything()
+        self._abandon_reloads()
+        self._refuse_waiting()
+
+    def _refuse_waiting(self) -> None:
+        """Events left on the queue at exit: their callers hear that the daemon stopped."""
+        unavailable = BackendUnavailable("the daemon has stopped")
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            reply = getattr(event, "reply", None)
+            if isinstance(event, StopEvent) and self._stop is not None:
+                _settle(reply, self._stop)
+            else:
+                _settle(reply, error=unavailable)
 
     def _start(self) -> None:
         config = self.config
@@ -353,10 +468,7 @@ class Daemon:
 
     def _inherited_sockets(self) -> dict[Address, socket.socket]:
         """Sockets handed over by systemd: socket activation, or our own fd store."""
-        try:
-            found = systemd.listen_fds()
-        except systemd.SystemdError as exc:
-            raise StartupError(str(exc)) from None
+        found = systemd.listen_fds()  # a SystemdError is a startup error (``run``)
         if not found:
             return {}
         wanted = list(self.config.server.listen)
@@ -393,12 +505,10 @@ class Daemon:
     # ------------------------------------------------------------------ main loop
     def _wait(self, timeout: float | None) -> None:
         with selectors.DefaultSelector() as sel:
-            sel.register(self._wake_r, selectors.EVENT_READ)
+            sel.register(self._waker, selectors.EVENT_READ)
             if self._events.empty():
                 sel.select(timeout)
-        with contextlib.suppress(BlockingIOError, OSError):
-            while self._wake_r.recv(4096):
-                pass
+        self._waker.clear()
 
     def _main_loop(self) -> None:
         next_housekeeping = time.monotonic()
@@ -444,27 +554,75 @@ class Daemon:
         return min([HOUSEKEEPING_INTERVAL, *limits])
 
     def _handle_events(self) -> None:
-        pending_signal_reload = False
+        """Every event queued so far, in order, each by ``_handle_<kind>``."""
+        self._signal_reload = False
         while True:
             try:
                 event = self._events.get_nowait()
             except queue.Empty:
                 break
-            if isinstance(event, StopEvent):
-                self._on_stop(event)
-            elif isinstance(event, ReloadEvent):
-                if event.reply is None and not event.dry_run:
-                    pending_signal_reload = True  # a burst of SIGHUPs is one reload
-                else:
-                    self._queue_reload(event)
-            elif isinstance(event, ValidatedEvent):
-                self._validated(event.job)
-            else:
-                self._reopen(event.source)
-        if pending_signal_reload:
+            handler: Callable[[Any], None] = getattr(self, f"_handle_{event.kind}")
+            try:
+                handler(event)
+            except Exception as exc:  # a bug: the caller hears 500, the daemon goes on
+                self.log.exception("server.error", where=f"event {event.kind}")
+                _settle(getattr(event, "reply", None), error=exc)
+        if self._signal_reload:
             self._queue_reload(ReloadEvent("SIGHUP"))
 
-    def _on_stop(self, event: StopEvent) -> None:
+    def _handle_reload(self, event: ReloadEvent) -> None:
+        if event.reply is None and not event.dry_run:
+            self._signal_reload = True  # a burst of SIGHUPs is one reload
+        else:
+            self._queue_reload(event)
+
+    def _handle_validated(self, event: ValidatedEvent) -> None:
+        self._validated(event.job)
+
+    def _handle_reopen(self, event: ReopenEvent) -> None:
+        self._reopen(event.source)
+        _settle(event.reply, {"reopened": True, "output": self.logs.sink.target})
+
+    def _handle_pause(self, event: PauseEvent) -> None:
+        """Pause or resume accepting; answered once the serving loop has applied it.
+
+        Refused (409) once a stop is decided: the state is "draining" from then on and
+        the serving loop is being shut down. During a reload the state stays
+        "reloading" and the reload's end sets "paused" or "running" from ``paused``.
+        """
+        paused = event.paused
+        if self._stop is not None or self.state == State.DRAINING:
+            verb = "paused" if paused else "resumed"
+            _settle(
+                event.reply, error=BackendConflict(f"the daemon is draining; it cannot be {verb}")
+            )
+            return
+        answer = {"state": "paused" if paused else "running"}
+        if paused != self.paused:
+            self.paused = paused
+            if self.state in (State.RUNNING, State.PAUSED):
+                self.state = State.PAUSED if paused else State.RUNNING
+            self.log.info("server.paused" if paused else "server.resumed")
+        applied = self.acceptor.set_paused(paused)
+
+        def answer_when_applied(done: Future[None]) -> None:  # on the serving thread
+            error = done.exception()
+            _settle(event.reply, answer, error if isinstance(error, Exception) else None)
+
+        applied.add_done_callback(answer_when_applied)
+
+    def _handle_log_level(self, event: LogLevelEvent) -> None:
+        previous = self.logs.set_level(event.level)
+        self.log.warning("log.level_changed", new_level=event.level, previous_level=previous)
+        _settle(event.reply, {"level": event.level, "previous": previous})
+
+    def _handle_kick(self, event: KickEvent) -> None:
+        conn = self.registry.get(event.conn_id)
+        if conn is not None:
+            conn.cut("kicked")
+        _settle(event.reply, conn is not None)
+
+    def _handle_stop(self, event: StopEvent) -> None:
         if self._stop is None:
             self._stop = event
         if event.reply is not None:
@@ -643,9 +801,9 @@ class Daemon:
 
     def _end_reloading(self) -> None:
         if self.state == State.RELOADING:
-            # Paused or not as the serving loop is now: a pause or resume may have come
-            # in while the new config was being validated.
-            self.state = State.PAUSED if self.acceptor.paused else State.RUNNING
+            # Paused or not as the daemon is now: a pause or resume may have come in
+            # while the new config was being validated.
+            self.state = State.PAUSED if self.paused else State.RUNNING
             self.notifier.ready(self._status_line())
 
     def _reject(self, source: str, errors: list[str]) -> ReloadOutcome:
@@ -963,7 +1121,11 @@ class Daemon:
 
     def _close_everything(self, budget: float = 2.0) -> None:
         """Close the control channel (within ``budget`` s: its requests may be stuck) and
-        the listening sockets."""
+        the listening sockets. Once: the drain does it within its deadline, ``run``'s
+        ``finally`` after a failure."""
+        if self._closed:
+            return
+        self._closed = True
         if self.control is not None:
             closer = threading.Thread(target=self.control.close, name="control-close", daemon=True)
             try:
@@ -985,11 +1147,8 @@ class Daemon:
         return self.views.connections()
 
     def close_connection(self, conn_id: int) -> bool:
-        conn = self.registry.get(conn_id)
-        if conn is None:
-            return False
-        conn.cut("kicked")
-        return True
+        reply: Future[bool] = Future()
+        return self._ask(KickEvent(conn_id, reply), reply, COMMAND_WAIT, "kick")
 
     def effective_config(self) -> ConfigDump:
         return self.views.effective_config()
@@ -1002,8 +1161,7 @@ class Daemon:
         if self._stop is not None:
             raise BackendUnavailable("the daemon is stopping; reload refused")
         reply: Future[ReloadOutcome] = Future()
-        self._post(ReloadEvent("control", reply, dry_run=True))
-        return reply.result(timeout=RELOAD_WAIT)
+        return self._ask(ReloadEvent("control", reply, dry_run=True), reply, RELOAD_WAIT, "dry run")
 
     def reload(self) -> ReloadOutcome:
         if self._stop is not None:
@@ -1012,8 +1170,7 @@ class Daemon:
             raise BackendConflict("a reload is already in progress")
         try:
             reply: Future[ReloadOutcome] = Future()
-            self._post(ReloadEvent("control", reply))
-            return reply.result(timeout=RELOAD_WAIT)
+            return self._ask(ReloadEvent("control", reply), reply, RELOAD_WAIT, "reload")
         finally:
             self._reload_lock.release()
 
@@ -1021,8 +1178,7 @@ class Daemon:
         """Decided on the main thread, so of two stops racing each other both callers
         hear the one in force: the first (a later one changes nothing)."""
         reply: Future[StopEvent] = Future()
-        self._post(StopEvent("control", timeout, reply))
-        in_force = reply.result(timeout=RELOAD_WAIT)
+        in_force = self._ask(StopEvent("control", timeout, reply), reply, RELOAD_WAIT, "stop")
         effective = in_force.timeout
         if effective is None:
             effective = self.hub.settings.shutdown_timeout
@@ -1034,33 +1190,22 @@ class Daemon:
         }
 
     def pause(self) -> dict[str, Any]:
-        if self._stop is not None or self.state == State.DRAINING:
-            raise BackendConflict("the daemon is draining; it cannot be paused")
-        self.acceptor.set_paused(True)
-        if self.state != State.PAUSED:
-            self.state = State.PAUSED
-            self.log.info("server.paused")
-        return {"state": "paused"}
+        reply: Future[dict[str, Any]] = Future()
+        return self._ask(PauseEvent(True, reply), reply, COMMAND_WAIT, "pause")
 
     def resume(self) -> dict[str, Any]:
-        if self._stop is not None or self.state == State.DRAINING:
-            raise BackendConflict("the daemon is draining; it cannot be resumed")
-        self.acceptor.set_paused(False)
-        if self.state == State.PAUSED:
-            self.state = State.RUNNING
-            self.log.info("server.resumed")
-        return {"state": "running"}
+        reply: Future[dict[str, Any]] = Future()
+        return self._ask(PauseEvent(False, reply), reply, COMMAND_WAIT, "resume")
 
     def set_log_level(self, level: str) -> dict[str, Any]:
         if level not in LOG_LEVELS:
             raise ValueError(f"unknown level {level!r}")
-        previous = self.logs.set_level(level)
-        self.log.warning("log.level_changed", new_level=level, previous_level=previous)
-        return {"level": level, "previous": previous}
+        reply: Future[dict[str, Any]] = Future()
+        return self._ask(LogLevelEvent(level, reply), reply, COMMAND_WAIT, "log-level change")
 
     def reopen_logs(self) -> dict[str, Any]:
-        self._reopen("control")
-        return {"reopened": True, "output": self.logs.sink.target}
+        reply: Future[dict[str, Any]] = Future()
+        return self._ask(ReopenEvent("control", reply), reply, COMMAND_WAIT, "reopen-logs")
 
     def metrics_text(self) -> str:
         return self.views.metrics_text()
