@@ -386,15 +386,7 @@ class Daemon:
         """
         with self._signals():
             try:
-                try:
-                    self._start()
-                except systemd.SystemdError as exc:
-                    # The one place a systemd-protocol error (LISTEN_FDS, WATCHDOG_USEC,
-                    # NOTIFY_SOCKET) becomes a startup error.
-                    raise StartupError(str(exc)) from None
-                except (StartupError, ConfigError) as exc:
-                    self.log.error("server.error", error=str(exc))
-                    raise
+                self._start_or_explain()
                 if on_ready is not None:
                     on_ready()
                 self._main_loop()
@@ -402,6 +394,21 @@ class Daemon:
             finally:
                 self._clean_up()
         return 0
+
+    def _start_or_explain(self) -> None:
+        """``_start``; a failure to start is logged and raised as a startup error.
+
+        The one place a systemd-protocol error (LISTEN_FDS, WATCHDOG_USEC, NOTIFY_SOCKET)
+        becomes a ``StartupError``.
+        """
+        try:
+            try:
+                self._start()
+            except systemd.SystemdError as exc:
+                raise StartupError(str(exc)) from None
+        except (StartupError, ConfigError) as exc:
+            self.log.error("server.error", error=str(exc))
+            raise
 
     def _clean_up(self) -> None:
         if not self.acceptor.shutdown(ACCEPTOR_STOP_WAIT):

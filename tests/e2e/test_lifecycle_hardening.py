@@ -788,11 +788,14 @@ def test_idle_timeout_spares_a_steady_download(sockd_factory: Any, short_tmp: Pa
 
 
 def test_bad_watchdog_usec_is_a_startup_error(sockd_factory: Any, short_tmp: Path) -> None:
-    """WATCHDOG_USEC=abc: one line on stderr, exit 1, no control socket left behind."""
+    """WATCHDOG_USEC=abc: one line on stderr and one server.error in the log, exit 1, no
+    control socket left behind."""
     proc = sockd_factory(env={"WATCHDOG_USEC": "abc"})
     assert proc.wait_exit() == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == ["sockd: WATCHDOG_USEC='abc' is not a positive integer"], proc.stderr
+    [logged] = proc.all("server.error")
+    assert logged["error"] == "WATCHDOG_USEC='abc' is not a positive integer"
     assert not (short_tmp / "ctl.sock").exists()
 
 
