@@ -397,6 +397,17 @@ def _shaped(body: Any, kind: type[_T], what: str) -> _T:
     return cast(_T, body)
 
 
+def _shaped_items(body: Any, kind: type[_T], key: str, item: type[Any], what: str) -> _T:
+    """``_shaped``, and each element of the list under ``key`` shaped as ``item``."""
+    answer = _shaped(body, kind, what)
+    items = cast(dict[str, Any], answer)[key]
+    if not isinstance(items, list):
+        raise ProtocolError(f"{what}: expected a list under {key!r}")
+    for element in items:
+        _shaped(element, item, what)
+    return answer
+
+
 class ControlClient:
     """One method per control endpoint; each opens a connection, asks, and closes it.
 
@@ -425,12 +436,8 @@ class ControlClient:
 
     def connections(self) -> ConnectionList:
         """``GET /v1/connections``."""
-        answer = _shaped(self._call("GET", "/connections"), ConnectionList, "connections")
-        if not isinstance(answer["connections"], list):
-            raise ProtocolError("connections: expected a list of connections")
-        for item in answer["connections"]:
-            _shaped(item, Connection, "connections")
-        return answer
+        answer = self._call("GET", "/connections")
+        return _shaped_items(answer, ConnectionList, "connections", Connection, "connections")
 
     def close_connection(self, connection_id: int) -> Closed:
         """``DELETE /v1/connections/{id}``."""
@@ -473,12 +480,7 @@ class ControlClient:
 
     def stats(self) -> Stats:
         """``GET /v1/stats``: every metric of ``GET /metrics`` with its samples, as JSON."""
-        answer = _shaped(self._call("GET", "/stats"), Stats, "stats")
-        if not isinstance(answer["metrics"], list):
-            raise ProtocolError("stats: expected a list of metrics")
-        for item in answer["metrics"]:
-            _shaped(item, Stat, "stats")
-        return answer
+        return _shaped_items(self._call("GET", "/stats"), Stats, "metrics", Stat, "stats")
 
     def metrics(self) -> str:
         """``GET /metrics``: the Prometheus text exposition format, as text."""
