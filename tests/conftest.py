@@ -8,6 +8,7 @@ exit) with a deadline instead of sleeping.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import resource
@@ -71,6 +72,28 @@ def base_config(tmp: Path, **server: Any) -> dict[str, dict[str, Any]]:
         "logging": {"level": "debug", "format": "json", "output": "stdout"},
         "control": {"socket": str(tmp / "ctl.sock")},
     }
+
+
+@contextlib.contextmanager
+def system_group(name: str) -> Iterator[int]:
+    """The gid of group ``name``, created with groupadd if absent and then removed again.
+
+    Skips (saying why) where groupadd/groupdel are missing; a group that existed before
+    is left alone.
+    """
+    if shutil.which("groupadd") is None or shutil.which("groupdel") is None:
+        pytest.skip("groupadd/groupdel are not installed (Debian: passwd)")
+    created = False
+    try:
+        gid = grp.getgrnam(name).gr_gid
+    except KeyError:
+        subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+        gid, created = grp.getgrnam(name).gr_gid, True
+    try:
+        yield gid
+    finally:
+        if created:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
 
 
 class SockdProcess:

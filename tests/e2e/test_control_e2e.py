@@ -10,7 +10,6 @@ it: the data plane, the daemon's log lines, its exit status.
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import os
 import pwd
@@ -45,6 +44,7 @@ from tests.conftest import (
     recv_line,
     render_config,
     require_reachable_by_others,
+    system_group,
 )
 
 _T = TypeVar("_T")
@@ -1053,10 +1053,8 @@ def test_curl_reads_status(sockd_factory: Any, short_tmp: Path) -> None:
 def read_group() -> Iterator[int]:
     """The gid of a throwaway group created for the read-only access test."""
     require_root_and_nobody()
-    if shutil.which("groupadd") is None:
-        pytest.skip("groupadd is not installed")
-    subprocess.run(["groupadd", "-f", READ_GROUP], check=True, capture_output=True)
-    yield grp.getgrnam(READ_GROUP).gr_gid
+    with system_group(READ_GROUP) as gid:
+        yield gid
 
 
 def test_stranger_is_denied_by_credentials(sockd_factory: Any, short_tmp: Path) -> None:

@@ -9,7 +9,6 @@ Each test waits on what the daemon says or does (a log line, an answer, an exit)
 from __future__ import annotations
 
 import contextlib
-import grp
 import json
 import os
 import pwd
@@ -35,6 +34,7 @@ from tests.conftest import (
     connect,
     recv_exactly,
     render_config,
+    system_group,
 )
 from tests.e2e.test_control_e2e import SOCKCTL, ctl, ctl_json, sockctl
 from tests.integration.test_control import CLIENT_PYTHON
@@ -68,17 +68,8 @@ def nobody() -> pwd.struct_passwd:
 @pytest.fixture(scope="module")
 def read_gid(nobody: pwd.struct_passwd) -> Iterator[int]:
     """A read_group created with groupadd for this module and removed after it."""
-    if shutil.which("groupadd") is None or shutil.which("groupdel") is None:
-        pytest.skip("groupadd/groupdel are not installed")
-    created = False
-    try:
-        gid = grp.getgrnam(READ_GROUP).gr_gid
-    except KeyError:
-        subprocess.run(["groupadd", "--system", READ_GROUP], check=True)
-        gid, created = grp.getgrnam(READ_GROUP).gr_gid, True
-    yield gid
-    if created:
-        subprocess.run(["groupdel", READ_GROUP], check=False)
+    with system_group(READ_GROUP) as gid:
+        yield gid
 
 
 def as_user(user: pwd.struct_passwd, groups: list[int] | None = None) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import grp
 import json
 import os
 import pwd
@@ -43,7 +42,7 @@ from sockd.control import (
 )
 from sockd.errors import ControlError
 from sockd.protocol import API_VERSION, API_VERSION_HEADER, MAX_REQUEST_BODY
-from tests.conftest import require_reachable_by_others
+from tests.conftest import require_reachable_by_others, system_group
 
 DEADLINE = 10.0
 CTL_GROUP = "sockd-test-ctl"
@@ -435,19 +434,11 @@ def require_root() -> None:
 
 
 @pytest.fixture(scope="module")
-def test_groups() -> dict[str, int]:
-    """The two test groups (created with groupadd if absent) by name."""
+def test_groups() -> Iterator[dict[str, int]]:
+    """The two test groups (created with groupadd if absent, removed afterwards) by name."""
     require_root()
-    if shutil.which("groupadd") is None:
-        pytest.skip("groupadd is not installed")
-    gids = {}
-    for name in (CTL_GROUP, READ_GROUP):
-        try:
-            gids[name] = grp.getgrnam(name).gr_gid
-        except KeyError:
-            subprocess.run(["groupadd", "--system", name], check=True)
-            gids[name] = grp.getgrnam(name).gr_gid
-    return gids
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(system_group(name)) for name in (CTL_GROUP, READ_GROUP)}
 
 
 @pytest.fixture(scope="module")

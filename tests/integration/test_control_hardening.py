@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import grp
 import json
 import os
 import pwd
@@ -32,7 +31,7 @@ from sockd import control, logs
 from sockd.control import ControlServer
 from sockd.errors import ControlError
 from sockd.logs import LogRing
-from tests.conftest import REPO, require_reachable_by_others
+from tests.conftest import REPO, require_reachable_by_others, system_group
 from tests.integration.test_control import (
     CLIENT_PYTHON,
     CONFIG,
@@ -108,17 +107,8 @@ def nobody() -> pwd.struct_passwd:
 def read_gid() -> Iterator[int]:
     """A read_group created for this module with groupadd, removed afterwards."""
     require_root()
-    if shutil.which("groupadd") is None or shutil.which("groupdel") is None:
-        pytest.skip("groupadd/groupdel are not installed")
-    created = False
-    try:
-        gid = grp.getgrnam(READ_GROUP).gr_gid
-    except KeyError:
-        subprocess.run(["groupadd", "--system", READ_GROUP], check=True)
-        gid, created = grp.getgrnam(READ_GROUP).gr_gid, True
-    yield gid
-    if created:
-        subprocess.run(["groupdel", READ_GROUP], check=False)
+    with system_group(READ_GROUP) as gid:
+        yield gid
 
 
 # A stdlib-only client run as another uid: opens COUNT connections, sends PAYLOAD on
