@@ -4,19 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The systemd tests run the venv inside a container with ProtectHome=: its interpreter
-# must not live under /root or /home, so prefer the distribution's Python.
-PY=python3
-if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-  PY=/usr/bin/python3
-fi
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# .venv with the distribution's Python (the systemd tests need it) and the test extras.
+./scripts/venv.sh test
 
 # System tools some tests drive: systemd-nspawn (real systemd), curl (control API as
 # documented), logrotate (run inside the systemd box, which shares the host's /usr),
-# setpriv/nsenter (util-linux: tests acting as other users), groupadd/useradd (passwd),
-# shellcheck (install.sh and uninstall.sh are linted by a test).
+# setpriv/nsenter (util-linux: tests acting as other users), groupadd/useradd (passwd)
+# and the linter of install.sh and uninstall.sh (a test runs it).
 # Installed only where we are root with apt; tests skip with a reason otherwise.
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   need=""
